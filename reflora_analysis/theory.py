@@ -1,0 +1,342 @@
+r"""The mathematics of RefLoRA, as pure functions on torch tensors.
+
+Notation (``THEORY.md`` section 1, paper convention): ``W = W0 + A B^T`` with
+``A`` of shape ``(..., m, r)``, ``B`` of shape ``(..., n, r)``, ``M = A B^T`` and
+``G = dl/dW`` of shape ``(..., m, n)``. Every function is batched over leading
+dimensions and keeps the dtype it is given, so float64 inputs give float64 answers.
+
+Nothing here knows about ``nn.Module``, optimizers or PEFT: this module is the
+reference that the stateful code (:mod:`reflora_analysis.refactor`) and the tests
+(``tests/test_theory.py``) are checked against.
+
+Facts implemented (``THEORY.md``):
+
+====  ==========================================================  ========================
+F1    refactored step equals a preconditioned step                :func:`preconditioned_step`
+F2    closed form of the induced weight update                    :func:`weight_update`
+F3    S* = (A^T A)^{-1} # (B^T B)                                  :func:`optimal_preconditioner`
+F4    balance of the refactored factors                           :func:`refactor_balanced`
+F5    minimal norm ||AP||^2 + ||BP^{-T}||^2 >= 2 ||M||_*          :func:`factor_norm`
+F6    consistency: A S* A^T = (M M^T)^{1/2}                       :func:`weight_update`
+F7    scalar variant s* = ||B||_F / ||A||_F                       :func:`scalar_preconditioner`
+F8    descent-lemma bounds U_exact <= U_relaxed                   :func:`upper_bounds`
+F10   damping of degenerate Grams, never NaN/Inf                  :func:`geometric_mean`
+====  ==========================================================  ========================
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DegenerateGramWarning",
+    "gram",
+    "symmetrize",
+    "sym_sqrt",
+    "sym_inv_sqrt",
+    "nuclear_norm",
+    "spectral_norm",
+    "relative_damping",
+    "geometric_mean",
+    "geometric_mean_reference",
+    "optimal_preconditioner",
+    "scalar_preconditioner",
+    "refactor",
+    "refactor_balanced",
+    "factor_norm",
+    "preconditioned_step",
+    "weight_update",
+    "balance_gap",
+    "upper_bounds",
+]
+
+
+class DegenerateGramWarning(UserWarning):
+    """A Gram matrix was (numerically) singular and extra damping was added (F10)."""
+
+
+def gram(A: Tensor) -> Tensor:
+    """``A^T A`` for ``A`` of shape ``(..., m, r)``; returns ``(..., r, r)``."""
+    return A.mT @ A
+
+
+def symmetrize(X: Tensor) -> Tensor:
+    """``(X + X^T) / 2``: removes the round-off asymmetry before an ``eigh``."""
+    return 0.5 * (X + X.mT)
+
+
+def _eigh_psd(X: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of a symmetric PSD matrix, negative round-off clamped to 0."""
+    evals, evecs = torch.linalg.eigh(symmetrize(X))
+    return evals.clamp_min(0.0), evecs
+
+
+def sym_sqrt(X: Tensor) -> Tensor:
+    """Principal square root ``X^{1/2}`` of a symmetric PSD ``(..., r, r)`` matrix."""
+    evals, evecs = _eigh_psd(X)
+    return (evecs * evals.sqrt().unsqueeze(-2)) @ evecs.mT
+
+
+def sym_inv_sqrt(X: Tensor) -> Tensor:
+    """``X^{-1/2}`` of a symmetric positive-definite ``(..., r, r)`` matrix."""
+    evals, evecs = _eigh_psd(X)
+    return (evecs * evals.rsqrt().unsqueeze(-2)) @ evecs.mT
+
+
+def nuclear_norm(X: Tensor) -> Tensor:
+    """``||X||_*``, the sum of singular values, over the last two dimensions."""
+    return torch.linalg.matrix_norm(X, ord="nuc")
+
+
+def spectral_norm(X: Tensor) -> Tensor:
+    """``||X||_2``, the largest singular value, over the last two dimensions."""
+    return torch.linalg.matrix_norm(X, ord=2)
+
+
+def _trace(X: Tensor) -> Tensor:
+    return X.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def relative_damping(X: Tensor, Y: Tensor, damping: float) -> Tensor:
+    r"""Damping scaled to the Grams: ``d = damping * (tr X + tr Y) / (2 r)``.
+
+    Relative damping keeps the regularisation meaningful across scales 1e-8..1e8
+    (THEORY.md section 6, F10). Shape ``(...,)``.
+    """
+    r = X.shape[-1]
+    return damping * (_trace(X) + _trace(Y)) / (2 * r)
+
+
+def _add_diag(X: Tensor, d: Tensor) -> Tensor:
+    eye = torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
+    return X + d[..., None, None] * eye
+
+
+def _cholesky_and_eigh(X: Tensor, Y: Tensor):
+    """``X = L L^T`` and the eigenpairs of ``C = L^T Y L``: the whole cost of F3."""
+    L, info = torch.linalg.cholesky_ex(X)
+    evals, evecs = torch.linalg.eigh(symmetrize(L.mT @ Y @ L))
+    return L, info, evals, evecs
+
+
+def _numerically_singular(L: Tensor, info: Tensor, evals: Tensor) -> Tensor:
+    """Per batch element: X not PD, or X or C = L^T Y L condition number beyond 1/(r eps).
+
+    cond(X) ~ (max diag L / min diag L)^2 is the cheap proxy a Cholesky gives for free.
+    """
+    tol = torch.finfo(L.dtype).eps * L.shape[-1]
+    diag = L.diagonal(dim1=-2, dim2=-1).abs()
+    x_bad = diag.amin(-1).square() <= tol * diag.amax(-1).square()
+    c_bad = evals[..., 0] <= tol * evals[..., -1].abs()
+    return (info != 0) | x_bad | c_bad | ~torch.isfinite(evals).all(-1)
+
+
+def geometric_mean(X: Tensor, Y: Tensor, damping: float = 0.0) -> Tensor:
+    r"""The matrix geometric mean ``S = X^{-1} # Y``: the SPD solution of ``S X S = Y`` (F3).
+
+    With the Cholesky factor ``X = L L^T`` and ``C = L^T Y L``,
+
+        S = L^{-T} C^{1/2} L^{-1},
+
+    one Cholesky and one ``r x r`` symmetric eigendecomposition (the reference code
+    uses two eigendecompositions: :func:`geometric_mean_reference`).
+
+    Parameters
+    ----------
+    X, Y : (..., r, r) symmetric positive (semi-)definite.
+    damping : float
+        Relative damping (:func:`relative_damping`): ``X + d I`` and ``Y + d I``.
+
+    Returns
+    -------
+    S : (..., r, r) symmetric positive definite.
+
+    Notes
+    -----
+    F10: where ``X`` is not numerically positive definite even after ``damping``, a
+    damping of ``sqrt(eps) * (tr X + tr Y) / (2r)`` (or ``sqrt(eps)`` when both Grams
+    vanish) is added to both Grams for that batch element and a
+    :class:`DegenerateGramWarning` is issued, so the result is always finite.
+    """
+    if X.shape != Y.shape or X.shape[-1] != X.shape[-2]:
+        raise ValueError(
+            f"geometric_mean needs two square Grams of the same shape, got {tuple(X.shape)} "
+            f"and {tuple(Y.shape)}"
+        )
+    X, Y = symmetrize(X), symmetrize(Y)
+    if damping > 0:
+        d = relative_damping(X, Y, damping)
+        X, Y = _add_diag(X, d), _add_diag(Y, d)
+    L, info, evals, evecs = _cholesky_and_eigh(X, Y)
+    bad = _numerically_singular(L, info, evals)
+    if bool(bad.any()):
+        warnings.warn(
+            "singular or near-singular LoRA Gram matrix (e.g. the B = 0 start); extra damping "
+            "added (THEORY.md F10). Consider warm-up steps or a balanced initialisation.",
+            DegenerateGramWarning,
+            stacklevel=2,
+        )
+        eps = torch.finfo(X.dtype).eps ** 0.5
+        scale = relative_damping(X, Y, 1.0)
+        floor = torch.where(scale > 0, scale, torch.ones_like(scale)) * eps
+        extra = torch.where(bad, floor, torch.zeros_like(floor))
+        X, Y = _add_diag(X, extra), _add_diag(Y, extra)
+        L, info, evals, evecs = _cholesky_and_eigh(X, Y)
+    C_half = (evecs * evals.clamp_min(0.0).sqrt().unsqueeze(-2)) @ evecs.mT
+    # S = L^{-T} C^{1/2} L^{-1}: two triangular solves instead of an explicit inverse.
+    Z = torch.linalg.solve_triangular(L.mT, C_half, upper=True)  # L^{-T} C^{1/2}
+    S = torch.linalg.solve_triangular(L.mT, Z.mT, upper=True).mT  # (L^{-T} Z^T)^T = Z L^{-1}
+    return symmetrize(S)
+
+
+def geometric_mean_reference(X: Tensor, Y: Tensor) -> Tensor:
+    r"""``X^{-1} # Y`` with two eigendecompositions, following the reference code (F3).
+
+        S = X^{-1/2} (X^{1/2} Y X^{1/2})^{1/2} X^{-1/2}.
+
+    Slower than :func:`geometric_mean` and kept as its independent check.
+    """
+    X_half = sym_sqrt(X)
+    X_inv_half = sym_inv_sqrt(X)
+    return symmetrize(X_inv_half @ sym_sqrt(X_half @ Y @ X_half) @ X_inv_half)
+
+
+def optimal_preconditioner(A: Tensor, B: Tensor, damping: float = 0.0) -> Tensor:
+    r"""``S* = (A^T A)^{-1} # (B^T B)``, the refactoring that minimises the bound (F3, F5, F8).
+
+    ``A``: (..., m, r), ``B``: (..., n, r); returns (..., r, r), SPD. With ``P P^T = S*``
+    the refactored factors ``(A P, B P^{-T})`` are balanced (F4).
+    """
+    _check_factors(A, B)
+    return geometric_mean(gram(A), gram(B), damping=damping)
+
+
+def scalar_preconditioner(A: Tensor, B: Tensor) -> Tensor:
+    r"""RefLoRA-S: ``s* = ||B||_F / ||A||_F``, the minimiser of ``s ||A||^2 + ||B||^2 / s`` (F7).
+
+    Returns shape ``(...,)``. Where ``A = 0`` no rescaling can help (the product is 0 and
+    the ratio undefined): ``s = 1`` there, never Inf or NaN (F10).
+    """
+    _check_factors(A, B)
+    norm_a = torch.linalg.matrix_norm(A)
+    norm_b = torch.linalg.matrix_norm(B)
+    ok = (norm_a > 0) & (norm_b > 0)
+    return torch.where(ok, norm_b / torch.where(ok, norm_a, torch.ones_like(norm_a)),
+                       torch.ones_like(norm_a))
+
+
+def refactor(A: Tensor, B: Tensor, P: Tensor) -> tuple[Tensor, Tensor]:
+    r"""The equivalent factorization ``(A P, B P^{-T})`` of the same product ``A B^T``."""
+    _check_factors(A, B)
+    return A @ P, torch.linalg.solve(P, B.mT).mT
+
+
+def refactor_balanced(A: Tensor, B: Tensor, damping: float = 0.0) -> tuple[Tensor, Tensor]:
+    r"""The balanced factorization ``(A P, B P^{-T})`` with ``P = S*^{1/2}`` (F4, F5).
+
+    ``(AP)^T (AP) = (B P^{-T})^T (B P^{-T})`` and ``||AP||_F^2 + ||BP^{-T}||_F^2 = 2 ||A B^T||_*``.
+    ``A``: (..., m, r), ``B``: (..., n, r). Requires full column rank (else damping, F10).
+    """
+    S = optimal_preconditioner(A, B, damping=damping)
+    evals, evecs = _eigh_psd(S)
+    root = evals.sqrt().unsqueeze(-2)
+    P = (evecs * root) @ evecs.mT
+    P_inv_T = (evecs / root) @ evecs.mT  # P is symmetric, so P^{-T} = P^{-1}
+    return A @ P, B @ P_inv_T
+
+
+def factor_norm(A: Tensor, B: Tensor) -> Tensor:
+    r"""``T = ||A||_F^2 + ||B||_F^2``; over refactorings, ``T(S) = tr(S A^T A) + tr(S^{-1} B^T B)``.
+
+    F5: ``T >= 2 ||A B^T||_*`` with equality exactly at the balanced factorization.
+    """
+    return A.square().sum((-2, -1)) + B.square().sum((-2, -1))
+
+
+def _spd_solve_right(X: Tensor, S: Tensor) -> Tensor:
+    """``X S^{-1}`` for SPD ``S`` (``S`` symmetric, so ``X S^{-1} = (S^{-1} X^T)^T``)."""
+    return torch.linalg.solve(S, X.mT).mT
+
+
+def preconditioned_step(
+    A: Tensor, B: Tensor, G: Tensor, eta: float, S: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""One gradient step on the refactored pair, mapped back (F1).
+
+        A+ = A - eta grad_A S^{-1},   B+ = B - eta grad_B S,
+        grad_A = G B,  grad_B = G^T A.
+
+    ``S`` (..., r, r) SPD; ``S = I`` is plain LoRA.
+    """
+    _check_factors(A, B, G)
+    grad_A = G @ B
+    grad_B = G.mT @ A
+    return A - eta * _spd_solve_right(grad_A, S), B - eta * grad_B @ S
+
+
+def weight_update(A: Tensor, B: Tensor, G: Tensor, eta: float, S: Tensor) -> Tensor:
+    r"""The weight update induced by the preconditioner ``S`` (F2):
+
+        dW(S) = -eta (A S A^T G + G B S^{-1} B^T) + eta^2 G B A^T G.
+
+    Equals ``A+ B+^T - A B^T`` of :func:`preconditioned_step`. At ``S = S*`` it depends on
+    ``M = A B^T`` alone (F6). Shapes: A (..., m, r), B (..., n, r), G (..., m, n).
+    """
+    _check_factors(A, B, G)
+    first = A @ S @ (A.mT @ G) + (G @ B) @ _spd_solve_right(B, S).mT
+    second = (G @ B) @ (A.mT @ G)
+    return -eta * first + eta**2 * second
+
+
+def balance_gap(A: Tensor, B: Tensor) -> Tensor:
+    r"""``||A^T A - B^T B||_F / (||A^T A||_F + ||B^T B||_F)``: 0 when balanced (F4), at most 1.
+
+    Returns 0 for ``A = B = 0``. Shape ``(...,)``.
+    """
+    _check_factors(A, B)
+    X, Y = gram(A), gram(B)
+    num = torch.linalg.matrix_norm(X - Y)
+    den = torch.linalg.matrix_norm(X) + torch.linalg.matrix_norm(Y)
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)),
+                       torch.zeros_like(den))
+
+
+def upper_bounds(
+    A: Tensor, B: Tensor, G: Tensor, loss: Tensor | float, eta: float, L: float, S: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""The descent-lemma bound and its S-relaxation at one iterate (F8a, F8b).
+
+        U_exact(S) = l + <G, dW(S)> + (L/2) ||dW(S)||_F^2
+        U(S)       = l - 2 eta ||G^T M G^T||_* + eta^2 <G, G M^T G>
+                     + (L/2) (eta ||G||_F T(S) + eta^2 ||G||_F^2 ||M||_2)^2,
+        T(S)       = tr(S A^T A) + tr(S^{-1} B^T B).
+
+    For an ``L``-smooth loss, ``l(W + dW(S)) <= U_exact(S) <= U(S)`` and ``U(S*) <= U(S)``.
+    Returns ``(U_exact, U_relaxed)``, each of shape ``(...,)``.
+    """
+    _check_factors(A, B, G)
+    dW = weight_update(A, B, G, eta, S)
+    U_exact = loss + (G * dW).sum((-2, -1)) + 0.5 * L * dW.square().sum((-2, -1))
+    M = A @ B.mT
+    T = _trace(S @ gram(A)) + _trace(_spd_solve_right(gram(B), S))
+    g_norm = torch.linalg.matrix_norm(G)
+    first_order = -2 * eta * nuclear_norm(G.mT @ M @ G.mT)
+    second_order = eta**2 * (G * (G @ M.mT @ G)).sum((-2, -1))
+    curvature = 0.5 * L * (eta * g_norm * T + eta**2 * g_norm**2 * spectral_norm(M)) ** 2
+    return U_exact, loss + first_order + second_order + curvature
+
+
+def _check_factors(A: Tensor, B: Tensor, G: Tensor | None = None) -> None:
+    """Shape checks with messages that name the problem (never a deep matmul error)."""
+    if A.dim() < 2 or B.dim() < 2:
+        raise ValueError(f"A and B must be matrices (..., m, r) and (..., n, r); got "
+                         f"{tuple(A.shape)} and {tuple(B.shape)}")
+    if A.shape[-1] != B.shape[-1]:
+        raise ValueError(f"A (m x r) and B (n x r) must share the rank r; got A "
+                         f"{tuple(A.shape)} and B {tuple(B.shape)}")
+    if G is not None and G.shape[-2:] != (A.shape[-2], B.shape[-2]):
+        raise ValueError(f"G must be m x n = {A.shape[-2]} x {B.shape[-2]} to match A "
+                         f"{tuple(A.shape)} and B {tuple(B.shape)}; got {tuple(G.shape)}")
