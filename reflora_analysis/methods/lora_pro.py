@@ -1,0 +1,190 @@
+r"""LoRA-Pro: the equivalent gradient (``BASELINES.md`` section 4).
+
+Wang, Liang, Zhang, Tan, "LoRA-Pro: Are Low-Rank Adapters Properly Optimized?", ICLR 2025
+(arXiv 2407.18242). Written from the formula sheet (read from mrflogs/LoRA-Pro), not the code.
+
+With ``W = W0 + s A B^T``, ``grad_A = s G B``, ``grad_B = s G^T A``, ``P_A = A (A^T A)^+ A^T``:
+
+    ghat_A = (1/s^2) (I - P_A) grad_A (B^T B)^+ - A X,
+    ghat_B = (1/s^2) grad_B (A^T A)^+ + B X^T,
+
+for any r x r ``X``; the step ``A <- A - eta ghat_A``, ``B <- B - eta ghat_B`` moves W to first
+order by ``-eta g~`` with the *equivalent gradient*
+
+    g~ = s (ghat_A B^T + A ghat_B^T) = P_A G + (I - P_A) G P_B,
+
+the projection of G onto the tangent space of rank-r matrices at ``A B^T``. ``X`` ("sylvester",
+default) solves ``(A^T A) X + X (B^T B) = -(1/s^2) (A^T A)^+ grad_B^T B``, the minimiser of
+``||ghat_A - grad_A||^2 + ||ghat_B - grad_B||^2``; both Grams are symmetric PSD, so with
+``A^T A = Q1 diag(l1) Q1^T``, ``B^T B = Q2 diag(l2) Q2^T``,
+``X = Q1 [(Q1^T C Q2)_ij / (l1_i + l2_j)] Q2^T`` (:func:`sylvester_psd`). ``x_mode="zero"``: X = 0.
+``(I - P_A) Y`` is formed as ``Y - A [(A^T A)^+ (A^T Y)]``, never the m x m projector.
+
+Modes (selected by the base optimizer in :func:`reflora_analysis.methods.build_optimizer`):
+
+- SGD (``optimizer="sgd"``): ``ghat`` is written into ``.grad``; the base SGD steps.
+- "full" AdamW (``optimizer="adamw"``), as released: Adam moments of ``g~`` (with X = 0) kept
+  at full size m x n, ``D = mhat / (sqrt(vhat) + eps)`` treated as the full gradient, mapped
+  back with the Sylvester X (``grad_A = s D B``, ``grad_B = s D^T A``), and a plain SGD outer
+  step with decoupled weight decay, taken by the transform (LoRA ``.grad`` cleared so AdamW only
+  trains the other parameters). **State: 2 m n numbers per layer** (as many as full
+  fine-tuning's Adam), compute O(m n r).
+
+Invariance: first-order GL(r) (``g~`` depends on ``A B^T`` only); the O(eta^2) term is
+invariant only under orthogonal ``P``.
+
+Differences from the official code: ``s`` is the adapter's own scaling (the code hard-codes
+s = 2); pseudo-inverses of the Grams instead of ``pinv(Gram + 1e-8 I)``; the eigh closed form
+of the Sylvester equation instead of a complex ``eig``; moments in the parameter dtype promoted
+to float32 (the code uses bf16 products); the "symmetry" X mode and the older per-factor
+"efficient" AdamW mode are not offered.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..refactor import PairTransform
+from .base import gram_pinv, internal_sgd_step
+
+__all__ = ["sylvester_psd", "equivalent_factor_gradients", "equivalent_gradient",
+           "LoraProTransform"]
+
+X_MODES = ("sylvester", "zero")
+
+
+def sylvester_psd(X1: Tensor, X2: Tensor, C: Tensor) -> Tensor:
+    r"""Solve ``X1 X + X X2 = C`` for symmetric PSD ``X1``, ``X2`` (r x r) by two ``eigh``.
+
+    Entries with ``l1_i + l2_j = 0`` (both Grams singular along that pair) are set to 0.
+    """
+    l1, Q1 = torch.linalg.eigh((X1 + X1.mT) / 2)
+    l2, Q2 = torch.linalg.eigh((X2 + X2.mT) / 2)
+    denom = l1.clamp_min(0.0)[:, None] + l2.clamp_min(0.0)[None, :]
+    tol = torch.finfo(denom.dtype).eps * denom.abs().max().clamp_min(torch.finfo(denom.dtype).tiny)
+    ok = denom > tol
+    core = torch.where(ok, (Q1.mT @ C @ Q2) / torch.where(ok, denom, torch.ones_like(denom)),
+                       torch.zeros_like(denom))
+    return Q1 @ core @ Q2.mT
+
+
+def equivalent_factor_gradients(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor,
+                                scaling: float = 1.0, x_mode: str = "sylvester"
+                                ) -> tuple[Tensor, Tensor]:
+    r"""``(ghat_A, ghat_B)`` of the module docstring. A, grad_A: m x r; B, grad_B: n x r."""
+    if x_mode not in X_MODES:
+        raise ValueError(f"unknown x_mode {x_mode!r}; choose one of {', '.join(X_MODES)}")
+    dtype = torch.promote_types(A.dtype, torch.float32)
+    A, B, grad_A, grad_B = (t.to(dtype) for t in (A, B, grad_A, grad_B))
+    XA, XB = A.mT @ A, B.mT @ B
+    XA_inv, XB_inv = gram_pinv(XA), gram_pinv(XB)
+    inv_s2 = 1.0 / scaling**2
+    out_of_span = grad_A - A @ (XA_inv @ (A.mT @ grad_A))  # (I - P_A) grad_A
+    ghat_A = inv_s2 * out_of_span @ XB_inv
+    ghat_B = inv_s2 * grad_B @ XA_inv
+    if x_mode == "sylvester":
+        X = sylvester_psd(XA, XB, -inv_s2 * XA_inv @ (grad_B.mT @ B))
+        ghat_A = ghat_A - A @ X
+        ghat_B = ghat_B + B @ X.mT
+    return ghat_A, ghat_B
+
+
+def equivalent_gradient(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor,
+                        scaling: float = 1.0) -> Tensor:
+    r"""``g~ = s (ghat_A B^T + A ghat_B^T) = P_A G + (I - P_A) G P_B`` (m x n), from the factor grads."""
+    ghat_A, ghat_B = equivalent_factor_gradients(A, B, grad_A, grad_B, scaling, "zero")
+    A, B = A.to(ghat_A.dtype), B.to(ghat_A.dtype)
+    return scaling * (ghat_A @ B.mT + A @ ghat_B.mT)
+
+
+class LoraProTransform(PairTransform):
+    """LoRA-Pro as a step pre-hook.
+
+    Parameters
+    ----------
+    model_or_pairs : PEFT model or list of (A, B) / LoraPair.
+    mode : "sgd" | "full"
+        "sgd": write ``ghat`` into ``.grad`` (any base SGD). "full": full-size Adam moments of
+        ``g~`` and an internal SGD outer step (see the module docstring; 2 m n state per layer).
+    x_mode : "sylvester" | "zero"
+    betas, eps, weight_decay : the "full" mode's Adam settings (defaults (0.9, 0.999), 1e-8, 0).
+    """
+
+    def __init__(self, model_or_pairs, *, mode: str = "sgd", x_mode: str = "sylvester",
+                 betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
+        if mode not in ("sgd", "full"):
+            raise ValueError(f"LoRA-Pro mode must be 'sgd' or 'full', got {mode!r}")
+        if x_mode not in X_MODES:
+            raise ValueError(f"unknown x_mode {x_mode!r}; choose one of {', '.join(X_MODES)}")
+        beta1, beta2 = (float(b) for b in betas)
+        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+            raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
+        super().__init__(model_or_pairs)
+        self.mode, self.x_mode = mode, x_mode
+        self.betas, self.eps, self.weight_decay = (beta1, beta2), float(eps), float(weight_decay)
+        self.pro_step = 0
+        self.moments: list[dict | None] = [None] * len(self.pairs)
+
+    @torch.no_grad()
+    def pre_step(self, optimizer) -> None:
+        if self.mode == "full":
+            self.pro_step += 1
+        for i, pair in enumerate(self.pairs):
+            gA, gB = pair.grad_A, pair.grad_B
+            if gA is None or gB is None:
+                continue
+            s = pair.scaling
+            if self.mode == "sgd":
+                ghat_A, ghat_B = equivalent_factor_gradients(pair.A, pair.B, gA, gB, s, self.x_mode)
+                gA.copy_(ghat_A)
+                gB.copy_(ghat_B)
+                continue
+            D = self._adam_direction(i, equivalent_gradient(pair.A, pair.B, gA, gB, s))
+            A, B = pair.A.to(D.dtype), pair.B.to(D.dtype)
+            ghat_A, ghat_B = equivalent_factor_gradients(A, B, s * D @ B, s * D.mT @ A, s,
+                                                         self.x_mode)
+            internal_sgd_step(optimizer, pair.a, ghat_A, self.weight_decay)
+            internal_sgd_step(optimizer, pair.b, ghat_B.mT if pair.b_transposed else ghat_B,
+                              self.weight_decay)
+
+    def _adam_direction(self, i: int, g: Tensor) -> Tensor:
+        """``mhat / (sqrt(vhat) + eps)`` of the full-size moments of ``g~`` (m x n)."""
+        st = self.moments[i]
+        if st is None:
+            st = self.moments[i] = {"exp_avg": torch.zeros_like(g), "exp_avg_sq": torch.zeros_like(g)}
+        beta1, beta2 = self.betas
+        st["exp_avg"].mul_(beta1).add_(g, alpha=1.0 - beta1)
+        st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        k = self.pro_step
+        mhat = st["exp_avg"] / (1.0 - beta1**k)
+        vhat = st["exp_avg_sq"] / (1.0 - beta2**k)
+        return mhat / (vhat.sqrt() + self.eps)
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["lora_pro"] = {"step": self.pro_step, "moments": self.moments}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        pro = state.get("lora_pro")
+        if pro is None or len(pro["moments"]) != len(self.pairs):
+            raise ValueError(f"state does not belong to a LoRA-Pro transform with {len(self.pairs)} pairs")
+        super().load_state_dict({k: v for k, v in state.items() if k != "lora_pro"})
+        self.pro_step = int(pro["step"])
+        self.moments = list(pro["moments"])
+
+
+def build_lora_pro(tr, optimizer: str, lr: float, weight_decay: float, base_kwargs: dict, *,
+                   x_mode: str = "sylvester", betas=(0.9, 0.999), eps: float = 1e-8):
+    """SGD: ``ghat`` in ``.grad``; AdamW: the "full" mode with 2 m n moments per layer."""
+    from .base import make_base_optimizer
+
+    opt = make_base_optimizer(optimizer, [{"params": tr.lora_params + tr.others}], lr=lr,
+                              weight_decay=weight_decay, base_kwargs=base_kwargs)
+    if optimizer == "sgd":
+        transform = LoraProTransform(tr.pairs, mode="sgd", x_mode=x_mode)
+    else:
+        transform = LoraProTransform(tr.pairs, mode="full", x_mode=x_mode, betas=betas, eps=eps,
+                                     weight_decay=weight_decay)
+    return opt, transform.attach(opt)

@@ -1,0 +1,245 @@
+r"""Probes: measurements of LoRA training that leave the model exactly as they found it.
+
+Functions (each documented in its module):
+
+==============  =========================================================  ====================
+module          measures                                                   cost
+==============  =========================================================  ====================
+balance         ||A||^2 - ||B||^2, ||A||/||B||, balance_gap, Gram spectra  r x r per layer
+consistency     spread of one step's dW over factorizations (F6)           n_reparam steps
+sharpness       lambda_max (Lanczos / PyHessian), trace (Hutch++), SLQ     HVPs (fwd + 2 bwd)
+bounds          l(W+dW) vs U_exact, U_relaxed (F8); eta line scans         a few losses
+landscape       1-D / 2-D loss slices (filter, rank, delta-w)              n or n^2 forwards
+==============  =========================================================  ====================
+
+Callbacks for ``train.run(probes=...)``: :func:`make_probes` ``("balance,consistency,
+sharpness,bound")`` returns :class:`Probe` objects; ``probe(ctx)`` with a
+:class:`ProbeContext` returns ``{"<probe>/<quantity>": float}`` including
+``"<probe>/seconds"`` (and ``"<probe>/hvps"`` where Hessian-vector products are used).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ._util import gradient_in_W, preserved_state
+from .balance import balance_stats, layer_balance
+from .bounds import (bound_line_scan, bound_probe_values, bound_step, estimate_smoothness,
+                     preconditioner_for)
+from .consistency import consistency_score, consistency_table, random_gl
+from .landscape import FlatSliceWarning, loss_landscape
+from .sharpness import (eigenvalue_density, hessian_trace, lanczos_top_eigenvalues,
+                        top_hessian_eigenvalue)
+
+__all__ = [
+    "ProbeContext", "Probe", "BalanceProbe", "ConsistencyProbe", "SharpnessProbe", "BoundProbe",
+    "available_probes", "make_probes", "balance_stats", "layer_balance", "consistency_score",
+    "consistency_table", "random_gl", "top_hessian_eigenvalue", "lanczos_top_eigenvalues",
+    "hessian_trace", "eigenvalue_density", "bound_step", "bound_line_scan", "estimate_smoothness",
+    "preconditioner_for", "loss_landscape", "FlatSliceWarning", "gradient_in_W",
+]
+
+
+@dataclass
+class ProbeContext:
+    """What a probe sees at one training step.
+
+    ``batch`` may be ``None``: the probe then uses ``task.batch(step)``. ``hparams`` are the
+    method's hyper-parameters (passed to ``methods.single_step_update``).
+    """
+
+    task: Any
+    method: str
+    optimizer: str
+    lr: float
+    step: int
+    batch: Any = None
+    hparams: dict = field(default_factory=dict)
+
+    def loss_closure(self):
+        batch = self.batch if self.batch is not None else self.task.batch(self.step)
+        return lambda: self.task.loss(batch)
+
+
+class Probe:
+    """Base callback: ``probe(ctx) -> dict[str, float]``, state restored, cost reported."""
+
+    name = "probe"
+
+    def measure(self, ctx: ProbeContext) -> dict[str, float]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __call__(self, ctx: ProbeContext) -> dict[str, float]:
+        if not isinstance(ctx, ProbeContext):
+            raise TypeError(f"a probe takes a ProbeContext, got {type(ctx).__name__}")
+        start = time.perf_counter()
+        model = getattr(ctx.task, "model", None)
+        pair_params = [t for p in getattr(ctx.task, "pairs", []) for t in p.params]
+        with preserved_state(model, pair_params):
+            values = self.measure(ctx)
+        values[f"{self.name}/seconds"] = time.perf_counter() - start
+        return {k: float(v) for k, v in values.items()}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class BalanceProbe(Probe):
+    """Aggregated balance (``balance/norm_diff``, ``norm_ratio``, ``gap_mean``, ``gap_max``,
+    ``cond_AtA_max``, ``cond_BtB_max``); per layer too with ``per_layer=True``."""
+
+    name = "balance"
+
+    def __init__(self, per_layer: bool = False):
+        self.per_layer = per_layer
+
+    def measure(self, ctx):
+        stats = balance_stats(ctx.task.pairs)
+        out = {f"balance/{k}": stats[k] for k in ("norm_diff", "norm_ratio", "gap_mean", "gap_max")}
+
+        def cond(sv):
+            return sv[0] / sv[-1] if sv[-1] > 0 else math.inf
+        out["balance/cond_AtA_max"] = max(cond(v["sv_AtA"]) for v in stats["layers"].values())
+        out["balance/cond_BtB_max"] = max(cond(v["sv_BtB"]) for v in stats["layers"].values())
+        if self.per_layer:
+            for name, v in stats["layers"].items():
+                for k in ("norm_diff", "norm_ratio", "gap"):
+                    out[f"balance/{name}/{k}"] = v[k]
+        return out
+
+
+class ConsistencyProbe(Probe):
+    r"""``consistency/score``: max over layers of :func:`consistency_score` of the run's method
+    at the current factors with the current gradient in W (``task.loss_in_W`` for
+    single-layer tasks, else :func:`gradient_in_W`), and ``consistency/score_mean``.
+    NaN where the method's update is zero. ``consistency/degenerate_layers`` counts layers with
+    a (numerically) rank-deficient factor, e.g. the B = 0 start: there every factorization
+    ``(A P, B P^{-T})`` still has a singular Gram, S* exists only through damping, and the
+    score measures the damping rather than the method."""
+
+    name = "consistency"
+
+    def __init__(self, n_reparam: int = 8, seed: int = 0, max_layers: int | None = None):
+        self.n_reparam, self.seed, self.max_layers = n_reparam, seed, max_layers
+
+    def measure(self, ctx):
+        task = ctx.task
+        pairs = list(task.pairs)[: self.max_layers]
+        if getattr(task, "loss_in_W", None) is not None and len(task.pairs) == 1:
+            pr = pairs[0]
+            W0 = task.W0 if task.W0 is not None else torch.zeros(pr.shape, dtype=pr.A.dtype)
+            W = (W0 + pr.scaling * pr.A @ pr.B.T).detach().requires_grad_(True)
+            with torch.enable_grad():
+                (G,) = torch.autograd.grad(task.loss_in_W(W), W)
+            G_list = [pr.scaling * G]
+        else:
+            G_list = gradient_in_W(task.model, ctx.loss_closure(), pairs)
+        scores = []
+        for pr, G in zip(pairs, G_list):
+            try:
+                scores.append(consistency_score(ctx.method, pr.A.detach(), pr.B.detach(),
+                                                lambda W, G=G: G, n_reparam=self.n_reparam,
+                                                seed=self.seed, lr=ctx.lr, **ctx.hparams))
+            except ValueError as exc:
+                if "zero update" not in str(exc):
+                    raise
+                scores.append(math.nan)
+        finite = [s for s in scores if not math.isnan(s)]
+        eps = torch.finfo(torch.float64).eps
+
+        def deficient(X):
+            sv = torch.linalg.svdvals(X.detach().to(torch.float64))
+            return bool(sv[-1] <= sv.shape[0] * eps * max(float(sv[0]), 1e-300) ** 1 or sv[0] == 0)
+        degenerate = sum(deficient(pr.A) or deficient(pr.B) for pr in pairs)
+        return {"consistency/degenerate_layers": float(degenerate),
+                "consistency/score": max(finite) if finite else math.nan,
+                "consistency/score_mean": sum(finite) / len(finite) if finite else math.nan}
+
+
+class SharpnessProbe(Probe):
+    """``sharpness/lambda_max`` (Lanczos), ``residual``, ``converged``, ``trace`` and
+    ``trace_se`` (Hutch++, ``trace_samples`` HVPs; 0 skips it), ``hvps``."""
+
+    name = "sharpness"
+
+    def __init__(self, tol: float = 1e-3, max_iter: int | None = None, trace_samples: int = 30,
+                 seed: int = 0, method: str = "lanczos"):
+        self.tol, self.max_iter, self.trace_samples = tol, max_iter, trace_samples
+        self.seed, self.method = seed, method
+
+    def measure(self, ctx):
+        closure = ctx.loss_closure()
+        value, info = top_hessian_eigenvalue(ctx.task.model, closure, method=self.method,
+                                             tol=self.tol, max_iter=self.max_iter,
+                                             return_info=True, seed=self.seed)
+        out = {"sharpness/lambda_max": value, "sharpness/residual": info["residual"],
+               "sharpness/converged": float(info["converged"])}
+        hvps = info["hvps"]
+        if self.trace_samples:
+            tr, se, tinfo = hessian_trace(ctx.task.model, closure, n_samples=self.trace_samples,
+                                          seed=self.seed, return_info=True)
+            out.update({"sharpness/trace": tr, "sharpness/trace_se": se})
+            hvps += tinfo["hvps"]
+        out["sharpness/hvps"] = hvps
+        return out
+
+
+class BoundProbe(Probe):
+    """F8 at the current iterate of a single-layer task: ``bound/loss``, ``next_loss``
+    (after one SGD step of the method at ``ctx.lr``), ``U_exact``, ``U_relaxed`` (NaN outside
+    lora / reflora / reflora-s), ``slack_exact``, ``L``, ``L_estimated``, ``hvps``. The bound
+    concerns the method's SGD step whatever ``ctx.optimizer`` is."""
+
+    name = "bound"
+
+    def measure(self, ctx):
+        out = bound_probe_values(ctx.task, ctx.method, ctx.lr, **ctx.hparams)
+        out.pop("bound/seconds", None)
+        return out
+
+
+_PROBES = {"balance": BalanceProbe, "consistency": ConsistencyProbe,
+           "sharpness": SharpnessProbe, "bound": BoundProbe}
+
+
+def available_probes() -> list[str]:
+    """Names accepted by :func:`make_probes`."""
+    return list(_PROBES)
+
+
+def make_probes(spec, **kw) -> list[Probe]:
+    """Probes from ``"balance,consistency"`` or a list of names / :class:`Probe` objects.
+
+    Keyword arguments go to every probe whose constructor accepts them (e.g. ``tol=1e-4``
+    to ``sharpness``, ``seed`` to consistency and sharpness); a keyword no requested probe
+    accepts is an error.
+    """
+    if isinstance(spec, str):
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+    elif isinstance(spec, (list, tuple)):
+        names = list(spec)
+    else:
+        raise TypeError("probe spec must be a comma-separated string or a list, got "
+                        f"{type(spec).__name__}")
+    probes, used = [], set()
+    for name in names:
+        if isinstance(name, Probe):
+            probes.append(name)
+            continue
+        if name not in _PROBES:
+            raise ValueError(f"unknown probe {name!r}; valid: {', '.join(available_probes())}")
+        cls = _PROBES[name]
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        mine = {k: v for k, v in kw.items() if k in accepted}
+        used |= set(mine)
+        probes.append(cls(**mine))
+    unused = set(kw) - used
+    if unused:
+        raise ValueError(f"probe option(s) {sorted(unused)} not accepted by any of {names}")
+    return probes

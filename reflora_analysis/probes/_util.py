@@ -1,0 +1,201 @@
+"""Shared machinery of the probes: exact state restoration, HVPs, flat vectors.
+
+Every probe must leave the model exactly as it found it: parameter values (bit for bit),
+``.grad`` tensors (the same objects, same values, or ``None``), ``requires_grad`` flags and
+the train/eval mode of every submodule. :func:`preserved_state` does this for all probes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+LossClosure = Callable[[], Tensor]
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters a probe differentiates: those of ``model`` that require grad."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(model).__name__} has no parameter that requires grad; nothing "
+                         "to probe (for a PEFT model, the LoRA parameters must be trainable)")
+    return params
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module | None, params: Sequence[Tensor] = ()) -> Iterator[None]:
+    """Restore, on exit, every parameter's value, ``.grad``, ``requires_grad`` and module modes.
+
+    Values are restored with ``copy_`` into the original storage (views such as
+    ``LoraPair.A`` stay valid); a parameter whose ``.data`` was swapped for another tensor
+    (the delta-W landscape does this) gets its original tensor object back.
+    """
+    all_params = list(model.parameters()) if model is not None else []
+    seen = {id(p) for p in all_params}
+    all_params += [p for p in params if id(p) not in seen]
+    saved = []
+    for p in all_params:
+        g = p.grad
+        saved.append((p, p.data, p.data.clone(), p.requires_grad, g,
+                       None if g is None else g.detach().clone()))
+    modes = [(m, m.training) for m in model.modules()] if model is not None else []
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, data_obj, value, req, g, g_value in saved:
+                if (p.data.data_ptr() != data_obj.data_ptr() or p.shape != data_obj.shape
+                        or p.data.stride() != data_obj.stride()):
+                    p.data = data_obj
+                data_obj.copy_(value)
+                p.requires_grad_(req)
+                if g is None:
+                    p.grad = None
+                else:
+                    g.copy_(g_value)
+                    p.grad = g
+        for m, mode in modes:
+            m.training = mode
+
+
+def math_attention():
+    """Context that forces the math SDPA backend: double backward through the fused CPU
+    kernels fails (``PROBES.md``), the math backend supports it."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - torch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def flatten(tensors: Sequence[Tensor], dtype=torch.float64) -> Tensor:
+    return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
+
+
+def unflatten(vec: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    out, i = [], 0
+    for p in like:
+        n = p.numel()
+        out.append(vec[i:i + n].view_as(p).to(p.dtype))
+        i += n
+    return out
+
+
+def evaluate_loss(loss_closure: LossClosure) -> Tensor:
+    loss = loss_closure()
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError("loss_closure must return a scalar tensor, got "
+                         f"{type(loss).__name__} {getattr(loss, 'shape', '')}")
+    if not torch.isfinite(loss):
+        raise ValueError(f"loss_closure returned a non-finite loss ({loss.item()}); cannot probe")
+    return loss.reshape(())
+
+
+class HessianOperator:
+    """Hessian-vector products of ``loss_closure`` w.r.t. ``params`` on flat float64 vectors.
+
+    By default each product recomputes the forward pass (no graph is kept between products,
+    so memory stays at one double-backward; ``recompute_forward=False`` keeps one
+    differentiable gradient graph instead, like PyHessian: one backward per product, more
+    memory) under the math attention backend, and counts itself in
+    ``hvps``. Vectors are float64; they are cast to the parameter dtype for the product, so the
+    Lanczos recurrences stay float64 whatever the model's dtype.
+    """
+
+    def __init__(self, loss_closure: LossClosure, params: Sequence[Tensor],
+                 recompute_forward: bool = True):
+        self.recompute_forward = recompute_forward
+        self._kept = None
+        self.loss_closure = loss_closure
+        self.params = list(params)
+        self.dim = sum(p.numel() for p in self.params)
+        self.device = self.params[0].device
+        self.hvps = 0
+
+    def _grads(self, create_graph: bool):
+        with math_attention():
+            loss = evaluate_loss(self.loss_closure)
+            try:
+                grads = torch.autograd.grad(loss, self.params, create_graph=create_graph,
+                                            allow_unused=True)
+            except RuntimeError as exc:  # e.g. a fused kernel without double backward
+                raise RuntimeError(f"Hessian-vector product failed: {exc}. If the model uses a "
+                                   "fused attention kernel, load it with attn_implementation="
+                                   "'eager'") from exc
+        return loss, grads
+
+    def gradient(self) -> Tensor:
+        _, grads = self._grads(create_graph=False)
+        return flatten([torch.zeros_like(p) if g is None else g
+                        for p, g in zip(self.params, grads)])
+
+    def matvec(self, v: Tensor) -> Tensor:
+        self.hvps += 1
+        if self.recompute_forward:
+            _, grads = self._grads(create_graph=True)
+        else:  # one graph kept for all products (PyHessian's choice): faster, more memory
+            if self._kept is None:
+                self._kept = self._grads(create_graph=True)[1]
+            grads = self._kept
+        vs = unflatten(v.to(self.device), self.params)
+        used = [(g, vi) for g, vi in zip(grads, vs) if g is not None and g.requires_grad]
+        if not used:  # the loss is (locally) linear in the parameters
+            return torch.zeros(self.dim, dtype=torch.float64, device=self.device)
+        try:
+            hv = torch.autograd.grad([g for g, _ in used], self.params,
+                                     grad_outputs=[vi for _, vi in used], allow_unused=True,
+                                     retain_graph=not self.recompute_forward)
+        except RuntimeError as exc:  # double backward through a fused kernel
+            raise RuntimeError(
+                f"Hessian-vector product failed in double backward: {exc}. The probes run the "
+                "forward under the math attention backend; a model with another fused kernel "
+                "needs attn_implementation='eager'") from exc
+        return flatten([torch.zeros_like(p) if h is None else h for p, h in zip(self.params, hv)])
+
+
+def _augment(pair, extra_A: Tensor, extra_B: Tensor) -> None:
+    """Set the pair's stored factors to ``[A, extra_A]`` (m x (r+k)) and ``[B, extra_B]``
+    (n x (r+k)) in paper orientation, so the adapter computes ``A B^T + extra_A extra_B^T``."""
+    a, b = pair.a, pair.b
+    a.data = torch.cat([a.data, extra_A.to(a.dtype)], dim=1)
+    if pair.b_transposed:
+        b.data = torch.cat([b.data, extra_B.T.to(b.dtype)], dim=0)
+    else:
+        b.data = torch.cat([b.data, extra_B.to(b.dtype)], dim=1)
+
+
+def gradient_in_W(model: nn.Module | None, loss_closure: LossClosure, pairs,
+                  max_width: int = 8192) -> list[Tensor]:
+    r"""``G = s * dl/dW`` (m x n, paper orientation, scaling folded in) for each LoRA pair.
+
+    Works on any model whose adapter computes ``s * A B^T`` by matrix products (PEFT Linear
+    LoRA, plain ``A @ B.T``): the factors are temporarily widened to ``[A, 0]`` and
+    ``[B, I_n]``, which leaves the function unchanged, and the gradient of the extra columns
+    of ``A`` is ``s G B_extra = s G``. Everything is restored exactly afterwards.
+    """
+    for p in pairs:
+        if p.shape[1] > max_width:
+            raise ValueError(f"layer {p.name} has n = {p.shape[1]} > {max_width} inputs; "
+                             "gradient_in_W widens B by an n x n identity and refuses this size")
+    ranks = [p.rank for p in pairs]
+    with preserved_state(model, [t for p in pairs for t in p.params]):
+        if model is not None:
+            model.eval()  # dropout would make G random; the mode is restored on exit
+        for p in pairs:
+            m, n = p.shape
+            _augment(p, torch.zeros(m, n, dtype=p.a.dtype, device=p.a.device),
+                     torch.eye(n, dtype=p.a.dtype, device=p.a.device))
+        with math_attention():
+            loss = evaluate_loss(loss_closure)
+            grads = torch.autograd.grad(loss, [p.a for p in pairs], allow_unused=True)
+        out = []
+        for p, r, g in zip(pairs, ranks, grads):
+            if g is None:
+                raise ValueError(f"the loss does not depend on LoRA pair {p.name}")
+            out.append(g[:, r:].detach().clone())
+    return out

@@ -1,0 +1,186 @@
+r"""The :class:`Task` record every experiment runs on, and the checks shared by all tasks.
+
+A task bundles a model whose only trainable tensors are LoRA factors (plus, for
+classifiers, a small head), the training loss, a deterministic batch schedule and a
+held-out evaluation. Everything numeric follows ``THEORY.md``: ``W = W0 + A B^T`` with
+A (m x r) and B (n x r); ``pairs`` come from :func:`reflora_analysis.pairs.find_lora_pairs`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..pairs import LoraPair
+
+__all__ = ["Task", "TaskOptions", "batch_generator", "resolve_device", "resolve_target_modules"]
+
+
+@dataclass(eq=False)
+class Task:
+    """One optimisation problem with LoRA factors, as ``train.run`` and the probes see it.
+
+    Attributes
+    ----------
+    name : str
+        Registry name (``"mf"``, ``"nlu-minilm"``, ...).
+    model : nn.Module
+        LoRA factors require grad; everything else is frozen except a classification head
+        where the task has one.
+    pairs : list[LoraPair]
+        The model's LoRA pairs in paper notation (``find_lora_pairs``).
+    loss : Callable[[batch], Tensor]
+        Scalar training loss of ``model`` on a batch.
+    batch : Callable[[int], batch]
+        The batch of a given step; a pure function of ``(config["seed"], step)``, so a
+        resumed run sees the same batches.
+    evaluate : Callable[[], dict[str, float]]
+        Held-out metrics (``accuracy``, ``relative_error``, ...); leaves the model's
+        train/eval mode as found.
+    default_lr : dict[str, float]
+        Documented step size per base optimizer, keys ``"sgd"`` and ``"adamw"``.
+    smoothness : float | None
+        ``L``, the Lipschitz constant of ``grad l`` in ``W`` (single-layer tasks), else None.
+    loss_in_W : Callable[[Tensor], Tensor] | None
+        Single-layer tasks: ``l(W)`` for the full ``m x n`` weight, so ``G = grad l(W0 + A B^T)``.
+    W0 : Tensor | None
+        The frozen base weight of single-layer tasks (zeros for ``mf``).
+    config : dict
+        Every setting (JSON-able), seed included; recorded in run outputs.
+    description : str
+        One paragraph for the README's task table.
+    """
+
+    name: str
+    model: nn.Module
+    pairs: list[LoraPair]
+    loss: Callable[[Any], Tensor]
+    batch: Callable[[int], Any]
+    evaluate: Callable[[], dict[str, float]]
+    default_lr: dict[str, float]
+    smoothness: float | None = None
+    loss_in_W: Callable[[Tensor], Tensor] | None = None
+    W0: Tensor | None = None
+    config: dict = field(default_factory=dict)
+    description: str = ""
+
+    def describe(self) -> str:
+        """One paragraph: what the task is, its data, its defaults."""
+        return self.description
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimizer should receive (LoRA factors and any head)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, pairs={len(self.pairs)}, default_lr={self.default_lr})"
+
+
+class TaskOptions:
+    """Validated overrides of one task: known keys only, typed, with clear messages.
+
+    ``defaults`` maps each accepted key to its default value; ``quick_defaults`` replaces
+    some of them when ``quick=True`` (same code path, smaller settings).
+    """
+
+    def __init__(self, task: str, defaults: Mapping[str, Any], overrides: Mapping[str, Any],
+                 quick: bool = False, quick_defaults: Mapping[str, Any] | None = None):
+        unknown = sorted(set(overrides) - set(defaults))
+        if unknown:
+            raise ValueError(
+                f"task {task!r}: unknown override(s) {', '.join(map(repr, unknown))}; "
+                f"valid: {', '.join(sorted(defaults))}"
+            )
+        self.task = task
+        self.values = dict(defaults)
+        if quick and quick_defaults:
+            self.values.update(quick_defaults)
+        self.values.update(overrides)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def positive_int(self, key: str, minimum: int = 1) -> int:
+        value = self.values[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"task {self.task!r}: {key} must be an integer >= {minimum}, got {value!r}")
+        return value
+
+    def positive_float(self, key: str, allow_zero: bool = False) -> float:
+        value = self.values[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise ValueError(f"task {self.task!r}: {key} must be a number, got {value!r}")
+        if value < 0 or (value == 0 and not allow_zero):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ValueError(f"task {self.task!r}: {key} must be {bound}, got {value!r}")
+        return float(value)
+
+    def fraction(self, key: str) -> float:
+        value = self.positive_float(key)
+        if not value < 1:
+            raise ValueError(f"task {self.task!r}: {key} must lie in (0, 1), got {value!r}")
+        return value
+
+    def existing_path(self, key: str) -> str | None:
+        value = self.values[key]
+        if value is None:
+            return None
+        path = os.path.expanduser(os.fspath(value))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"task {self.task!r}: {key} {path!r} does not exist")
+        return path
+
+    def choice(self, key: str, options: tuple[str, ...]) -> str:
+        value = self.values[key]
+        if value not in options:
+            raise ValueError(f"task {self.task!r}: {key} must be one of {', '.join(options)}, got {value!r}")
+        return value
+
+    def dtype(self, key: str = "dtype") -> torch.dtype:
+        name = self.choice(key, ("float32", "float64", "bfloat16"))
+        return getattr(torch, name)
+
+    def to_config(self) -> dict:
+        """JSON-able copy of the settings (paths as strings)."""
+        out = {}
+        for key, value in self.values.items():
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if isinstance(value, tuple):
+                value = list(value)
+            out[key] = value
+        return out
+
+
+def batch_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on ``(seed, index, stream)`` (index: a step or an
+    epoch): resume-safe sampling."""
+    if index < 0:
+        raise ValueError(f"index must be >= 0, got {index}")
+    # Distinct prime multipliers keep (seed, index, stream) triples from colliding in practice.
+    return torch.Generator().manual_seed((seed * 1_000_003 + index * 7_919 + stream * 104_729) % (2**63))
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``torch.device(device)``, with a clear error when CUDA is asked for and absent."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"invalid device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    return dev
+
+
+def resolve_target_modules(value, default):
+    """PEFT ``target_modules``: ``None`` -> ``default``; ``"q_proj,v_proj"`` (as a command line
+    gives it) -> a list of names; any other string is PEFT's full-match regex; a list as is."""
+    if value is None:
+        return default
+    if isinstance(value, str) and "," in value:
+        return [name.strip() for name in value.split(",") if name.strip()]
+    return value

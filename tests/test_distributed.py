@@ -1,0 +1,176 @@
+"""Data-parallel training: 2 CPU processes (gloo) match one process on the combined batch.
+
+One launch of two worker processes (the environment ``torchrun`` sets: RANK, WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT) checks both routes of :mod:`reflora_analysis.distributed`:
+
+1. ``train.run`` under ``torch.distributed`` (batch sharded by rank, gradients averaged
+   before ``optimizer.step``): after a few reflora/AdamW steps every rank holds bit-identical
+   LoRA factors, equal to a single-process run on the combined batch to 1e-6 (float64; the
+   only difference is the summation order of the gradient mean, ~1e-15 relative);
+2. ``wrap_ddp``: DDP averages gradients during ``backward``, so the RefLoRA transform's
+   ``pre_step`` (run by the optimizer's step pre-hook) sees the cross-rank mean.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from reflora_analysis.distributed import DistributedContext, shard_batch
+from reflora_analysis.pairs import find_lora_pairs
+from reflora_analysis.tasks import Task
+from reflora_analysis.train import run
+
+torch.set_num_threads(1)
+
+STEPS = 4
+BATCH = 8  # examples per step, split 4 + 4 across the two ranks
+
+
+class LowRankRegression(nn.Module):
+    """``X -> X (W0 + A B^T)^T``: a LoRA layer whose forward produces the predictions."""
+
+    def __init__(self, m=6, n=5, r=2, seed=0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("W0", torch.randn(m, n, generator=gen, dtype=torch.float64))
+        self.A = nn.Parameter(0.1 * torch.randn(m, r, generator=gen, dtype=torch.float64))
+        self.B = nn.Parameter(torch.randn(n, r, generator=gen, dtype=torch.float64))
+        self.target = torch.randn(m, n, generator=gen, dtype=torch.float64)
+
+    def forward(self, X):
+        return X @ (self.W0 + self.A @ self.B.T).T
+
+
+def regression_task(seed=0) -> Task:
+    """A task whose loss is a mean over the examples on dim 0 (what sharding requires)."""
+    model = LowRankRegression(seed=seed)
+
+    def batch(step):
+        gen = torch.Generator().manual_seed(1000 * seed + step)
+        X = torch.randn(BATCH, model.W0.shape[1], generator=gen, dtype=torch.float64)
+        return X, X @ model.target.T
+
+    def loss(b):
+        X, Y = b
+        return 0.5 * (model(X) - Y).square().sum(dim=1).mean()
+
+    return Task(name="toy-regression", model=model, pairs=find_lora_pairs([(model.A, model.B)]),
+                loss=loss, batch=batch, evaluate=lambda: {}, default_lr={"sgd": 0.05, "adamw": 0.02},
+                config={"seed": seed})
+
+
+WORKER = textwrap.dedent("""
+    import sys, torch
+    torch.set_num_threads(1)
+    sys.path.insert(0, sys.argv[1])
+    outdir = sys.argv[2]
+    import torch.distributed as dist
+    from reflora_analysis.distributed import init_from_env, wrap_ddp
+    from reflora_analysis.methods import build_optimizer
+    from reflora_analysis.train import run
+    from test_distributed import regression_task, STEPS
+
+    ctx = init_from_env("gloo")
+    assert ctx.world_size == 2, ctx
+
+    # 1. train.run under torch.distributed
+    task = regression_task()
+    run(task, "reflora", optimizer="adamw", steps=STEPS, out=f"{outdir}/run.jsonl", progress=False)
+    torch.save([p.detach() for p in task.model.parameters() if p.requires_grad],
+               f"{outdir}/run_rank{ctx.rank}.pt")
+
+    # 2. DDP: the transform's pre_step sees gradients already averaged across ranks
+    task = regression_task()
+    model = task.model
+    X, Y = ctx.shard(task.batch(0))
+    local = torch.autograd.grad(task.loss((X, Y)), [model.A, model.B])
+    expected = [g.clone() for g in local]
+    for g in expected:
+        dist.all_reduce(g)
+        g /= ctx.world_size
+    ddp = wrap_ddp(model)
+    opt, transform = build_optimizer("reflora", model, pairs=task.pairs, optimizer="sgd", lr=0.05)
+    seen = []
+    original_pre_step = transform.pre_step
+    def recording_pre_step(optimizer):
+        seen.append([task.pairs[0].grad_A.clone(), task.pairs[0].grad_B.clone()])
+        original_pre_step(optimizer)
+    transform.pre_step = recording_pre_step
+    loss = 0.5 * (ddp(X) - Y).square().sum(dim=1).mean()
+    loss.backward()
+    opt.step()
+    torch.save({"seen": seen[0], "expected": expected, "local": [g.clone() for g in local],
+                "after": [p.detach() for p in (model.A, model.B)]}, f"{outdir}/ddp_rank{ctx.rank}.pt")
+    dist.destroy_process_group()
+""")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_shard_batch_splits_dim0_and_checks_divisibility():
+    X = torch.arange(12.0).reshape(6, 2)
+    batch = {"x": X, "meta": "kept", "pair": (X, X[:, 0])}
+    parts = [shard_batch(batch, rank, 3) for rank in range(3)]
+    assert torch.equal(torch.cat([p["x"] for p in parts]), X)
+    assert parts[1]["meta"] == "kept" and torch.equal(parts[2]["pair"][1], X[4:, 0])
+    with pytest.raises(ValueError, match="not divisible by world size 4"):
+        shard_batch(X, 0, 4)
+    assert DistributedContext.current() == DistributedContext(0, 1)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    tests_dir = str(Path(__file__).parent)
+    procs = [subprocess.Popen([sys.executable, str(script), tests_dir, str(tmp_path)],
+                              env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                              stderr=subprocess.PIPE, text=True)
+             for rank in range(2)]
+    errors = []
+    for proc in procs:
+        try:
+            _, err = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        errors.append(err)
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errors)
+
+    # 1. ranks bit-identical, and equal to one process on the combined batch
+    rank0, rank1 = (torch.load(tmp_path / f"run_rank{r}.pt") for r in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(rank0, rank1))
+    task = regression_task()
+    single = run(task, "reflora", optimizer="adamw", steps=STEPS, progress=False)
+    for a, b in zip(rank0, [p.detach() for p in task.model.parameters() if p.requires_grad]):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()
+    assert not torch.equal(rank0[0], regression_task().model.A.detach())  # training moved A
+    # rank 0 logged the mean loss over both shards, i.e. the combined batch's loss
+    logged = [line for line in (tmp_path / "run.jsonl").read_text().splitlines()]
+    assert len(logged) == STEPS + 1
+    import json
+    for line, ref in zip(logged, single):
+        assert abs(json.loads(line)["loss"] - ref["loss"]) <= 1e-9 * abs(ref["loss"])
+
+    # 2. DDP: the refactoring hook saw the cross-rank mean, not the local gradient
+    ddp0, ddp1 = (torch.load(tmp_path / f"ddp_rank{r}.pt") for r in range(2))
+    for d in (ddp0, ddp1):
+        grad_A = d["seen"][0]
+        assert torch.allclose(grad_A, d["expected"][0], rtol=1e-12, atol=1e-14)
+        assert not torch.allclose(grad_A, d["local"][0], rtol=1e-3)  # the shards really differ
+    assert all(torch.equal(a, b) for a, b in zip(ddp0["after"], ddp1["after"]))

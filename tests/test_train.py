@@ -1,0 +1,221 @@
+"""train.run: JSON lines, determinism, divergence handling, checkpoints never poisoned.
+
+Everything runs on the ``mf`` task (full batch, float64, ~2 ms per step), so the whole file
+takes a few seconds on one core.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from reflora_analysis.checkpoint import first_nonfinite, load_checkpoint
+from reflora_analysis.io import read_json_lines
+from reflora_analysis.tasks import make_task
+from reflora_analysis.train import (TrainingDiverged, checkpoint_path, meta_path, resolve_device,
+                                    run)
+
+torch.set_num_threads(1)
+
+
+def lora_weights(task) -> list[torch.Tensor]:
+    return [p.detach().clone() for pair in task.pairs for p in pair.params]
+
+
+def test_json_lines_start_at_initial_point_with_required_keys(tmp_path):
+    out = tmp_path / "run.jsonl"
+    reference = make_task("mf", seed=0)
+    initial_loss = reference.loss(reference.batch(0)).item()
+    records = run("mf", "reflora", steps=6, out=out, progress=False)
+    lines = read_json_lines(out)
+    assert lines == json.loads(json.dumps(records))  # the file holds exactly what run returned
+    assert [r["step"] for r in lines] == list(range(7))
+    for r in lines:
+        assert {"step", "loss", "lr", "time", "method", "optimizer"} <= set(r)
+        assert r["method"] == "reflora" and r["lr"] == make_task("mf").default_lr["sgd"]
+    # step 0 is the point before any update: the task's own loss at its initialisation
+    assert lines[0]["loss"] == initial_loss
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    times = [r["time"] for r in lines]
+    assert times == sorted(times)
+    # evaluate() runs at the first and last step only (eval_every=0)
+    assert [r["step"] for r in lines if "eval/relative_error" in r] == [0, 6]
+    meta = json.loads(meta_path(out).read_text())
+    assert meta["status"] == "completed" and meta["method"] == "reflora" and meta["task"] == "mf"
+    assert meta["task_config"]["m"] == 30 and "torch" in meta["versions"]
+
+
+def test_log_every_keeps_first_and_last_step():
+    records = run("mf", "lora", steps=7, log_every=3, progress=False)
+    assert [r["step"] for r in records] == [0, 3, 6, 7]
+
+
+def test_lines_are_on_disk_when_the_run_stops_partway(tmp_path):
+    out = tmp_path / "run.jsonl"
+
+    def stop_at_step_4(ctx):  # a probe that dies, like a process interrupted mid-run
+        if ctx.step == 4:
+            raise KeyboardInterrupt
+        return {"probe/step": float(ctx.step)}
+
+    with pytest.raises(KeyboardInterrupt):
+        run("mf", "lora", steps=20, out=out, probes=[stop_at_step_4], probe_every=1, progress=False)
+    lines = read_json_lines(out)
+    assert [r["step"] for r in lines] == [0, 1, 2, 3]
+    assert [r["probe/step"] for r in lines] == [0.0, 1.0, 2.0, 3.0]
+    assert json.loads(meta_path(out).read_text())["status"] == "failed"
+
+
+def test_same_seed_same_run_other_seed_other_run():
+    def losses_and_weights(seed, method="reflora-s", optimizer="adamw"):
+        task = make_task("mf", seed=seed)
+        records = run(task, method, optimizer=optimizer, steps=15, seed=seed, progress=False)
+        return [r["loss"] for r in records], lora_weights(task)
+
+    losses_a, weights_a = losses_and_weights(0)
+    losses_b, weights_b = losses_and_weights(0)
+    assert losses_a == losses_b  # bit-identical on CPU, not merely close
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b))
+    losses_c, _ = losses_and_weights(1)
+    assert losses_c != losses_a
+
+
+def test_a_fresh_run_replaces_an_old_log(tmp_path):
+    out = tmp_path / "run.jsonl"
+    run("mf", "lora", steps=5, out=out, progress=False)
+    run("mf", "lora", steps=2, out=out, progress=False)
+    assert [r["step"] for r in read_json_lines(out)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=0), "steps must be > 0"),
+    (dict(steps=-3), "steps must be > 0"),
+    (dict(steps=2.5), "steps must be an integer"),
+    (dict(steps=3, lr=0.0), "lr must be a finite number > 0"),
+    (dict(steps=3, lr=-1e-3), "lr must be a finite number > 0"),
+    (dict(steps=3, lr=float("nan")), "lr must be a finite number > 0"),
+    (dict(steps=3, optimizer="adam"), "unknown optimizer 'adam'"),
+    (dict(steps=3, checkpoint_every=2), "need out="),
+    (dict(steps=3, probes=[lambda ctx: {}]), "probe_every"),
+    (dict(steps=3, device="tpu"), "device"),
+])
+def test_bad_arguments_fail_with_one_clear_message(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        run("mf", "lora", progress=False, **kwargs)
+
+
+def test_unknown_task_and_method_list_the_valid_names():
+    with pytest.raises(ValueError, match="valid: .*mf"):
+        run("nope", "lora", steps=1, progress=False)
+    with pytest.raises(ValueError, match="valid.*reflora"):
+        run("mf", "nope", steps=1, progress=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        run("mf", "lora", steps=1, device="cuda", progress=False)
+
+
+def _mf_with_fault(kind: str, at_step: int):
+    """``mf`` whose loss (kind="loss") or gradient of A (kind="grad") is NaN at one step."""
+    task = make_task("mf", seed=0)
+    base_loss, pair = task.loss, task.pairs[0]
+
+    def loss(step):
+        value = base_loss(None)
+        if step != at_step:
+            return value
+        if kind == "loss":
+            return value * float("nan")
+        poisoned = pair.a.clone()
+        poisoned.register_hook(lambda g: torch.full_like(g, float("nan")))
+        return value + 0.0 * poisoned.sum()  # value unchanged, dl/dA becomes NaN
+
+    return dataclasses.replace(task, batch=lambda step: step, loss=loss)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_lines(tmp_path):
+    out = tmp_path / "run.jsonl"
+    with pytest.raises(TrainingDiverged, match="loss is nan at step 3") as info:
+        run(_mf_with_fault("loss", 3), "reflora", steps=10, out=out, checkpoint_every=1, progress=False)
+    assert info.value.step == 3 and info.value.what == "loss"
+    lines = read_json_lines(out)
+    assert [r["step"] for r in lines] == [0, 1, 2, 3]
+    assert math.isnan(lines[-1]["loss"]) and lines[-1]["nonfinite"] == "loss"
+    assert lines[-1]["skipped"] is False
+    assert json.loads(meta_path(out).read_text())["status"] == "diverged"
+
+
+def test_nan_gradient_stops_naming_step_and_layer():
+    task = _mf_with_fault("grad", 2)
+    before_step_2 = []
+    with pytest.raises(TrainingDiverged, match=r"non-finite gradient at step 2 in layer mf\.W\.A") as info:
+        run(task, "lora", steps=10, progress=False,
+            probes=[lambda ctx: before_step_2.append(lora_weights(task)) or {}], probe_every=1)
+    assert info.value.layer == "mf.W.A" and info.value.what == "gradient"
+    # the optimizer never stepped with the NaN gradient: weights are those before step 2
+    assert all(torch.equal(a, b) for a, b in zip(lora_weights(task), before_step_2[-1]))
+
+
+@pytest.mark.parametrize("kind", ["loss", "grad"])
+def test_skip_nonfinite_skips_that_update_and_continues(kind):
+    task = _mf_with_fault(kind, 2)
+    seen = {}
+    records = run(task, "reflora", optimizer="adamw", steps=6, skip_nonfinite=True, progress=False,
+                  probes=[lambda ctx: seen.__setitem__(ctx.step, lora_weights(task)) or {}],
+                  probe_every=1)
+    assert [r["step"] for r in records] == list(range(7))
+    assert [r["step"] for r in records if r.get("skipped")] == [2]
+    # the skipped step left the weights alone; every other step moved them
+    assert all(torch.equal(a, b) for a, b in zip(seen[2], seen[3]))
+    assert not all(torch.equal(a, b) for a, b in zip(seen[3], seen[4]))
+    assert all(math.isfinite(r["loss"]) for r in records if r["step"] != 2)
+
+
+def test_divergence_never_writes_a_poisoned_checkpoint(tmp_path):
+    # plain LoRA at 3x the default SGD step diverges on mf (the paper's picture)
+    out = tmp_path / "run.jsonl"
+    with pytest.raises(TrainingDiverged) as info:
+        run("mf", "lora", lr=0.03, steps=200, out=out, checkpoint_every=1, progress=False)
+    ckpt = load_checkpoint(checkpoint_path(out))
+    assert ckpt["step"] <= info.value.step
+    assert first_nonfinite({k: ckpt[k] for k in ("trainable", "optimizer", "transform")}) is None
+
+
+def test_probe_values_are_logged_every_k_steps():
+    records = run("mf", "reflora", steps=6, probes="balance", probe_every=3, progress=False)
+    probed = [r["step"] for r in records if "balance/gap_max" in r]
+    assert probed == [0, 3, 6]
+    assert all(isinstance(r["balance/gap_max"], float) for r in records if "balance/gap_max" in r)
+
+
+def test_dtype_casts_the_model():
+    task = make_task("mf", seed=0)
+    records = run(task, "reflora", steps=3, dtype=torch.float32, progress=False)
+    assert all(p.dtype == torch.float32 for p in task.model.parameters())
+    assert math.isfinite(records[-1]["loss"])
+
+
+def test_a_model_without_lora_layers_is_a_clear_error():
+    from reflora_analysis.pairs import NoLoraLayersError
+    task = dataclasses.replace(make_task("mf"), model=torch.nn.Linear(3, 3), pairs=[])
+    with pytest.raises(NoLoraLayersError, match="no trainable LoRA layers"):
+        run(task, "reflora", steps=2, progress=False)
+
+
+def test_bf16_autocast_changes_the_arithmetic_but_trains():
+    # autocast only lowers float32 ops, so the model is cast to float32 first
+    plain = run(make_task("mf"), "reflora", steps=5, dtype=torch.float32, progress=False)
+    autocast = run(make_task("mf"), "reflora", steps=5, dtype=torch.float32, autocast_bf16=True,
+                   progress=False)
+    assert all(math.isfinite(r["loss"]) for r in autocast)
+    # bf16 keeps ~3 significant digits: the losses differ, but by well under 1% at step 0
+    assert autocast[0]["loss"] != plain[0]["loss"]
+    assert abs(autocast[0]["loss"] - plain[0]["loss"]) < 1e-2 * plain[0]["loss"]
