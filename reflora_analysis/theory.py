@@ -161,11 +161,10 @@ def geometric_mean(X: Tensor, Y: Tensor, damping: float = 0.0) -> Tensor:
     vanish) is added to both Grams for that batch element and a
     :class:`DegenerateGramWarning` is issued, so the result is always finite.
     """
-    if X.shape != Y.shape or X.shape[-1] != X.shape[-2]:
-        raise ValueError(
-            f"geometric_mean needs two square Grams of the same shape, got {tuple(X.shape)} "
-            f"and {tuple(Y.shape)}"
-        )
+    _check_grams(X, Y, "geometric_mean")
+    if not bool((torch.isfinite(X).all() & torch.isfinite(Y).all()).item()):
+        raise ValueError("geometric_mean: the Gram matrices hold NaN or Inf (the LoRA factors "
+                         "are non-finite, e.g. after a diverged step)")
     X, Y = symmetrize(X), symmetrize(Y)
     if damping > 0:
         d = relative_damping(X, Y, damping)
@@ -199,6 +198,7 @@ def geometric_mean_reference(X: Tensor, Y: Tensor) -> Tensor:
 
     Slower than :func:`geometric_mean` and kept as its independent check.
     """
+    _check_grams(X, Y, "geometric_mean_reference")
     X_half = sym_sqrt(X)
     X_inv_half = sym_inv_sqrt(X)
     return symmetrize(X_inv_half @ sym_sqrt(X_half @ Y @ X_half) @ X_inv_half)
@@ -211,6 +211,7 @@ def optimal_preconditioner(A: Tensor, B: Tensor, damping: float = 0.0) -> Tensor
     the refactored factors ``(A P, B P^{-T})`` are balanced (F4).
     """
     _check_factors(A, B)
+    _check_linalg_dtype(A, "A and B")
     return geometric_mean(gram(A), gram(B), damping=damping)
 
 
@@ -231,6 +232,8 @@ def scalar_preconditioner(A: Tensor, B: Tensor) -> Tensor:
 def refactor(A: Tensor, B: Tensor, P: Tensor) -> tuple[Tensor, Tensor]:
     r"""The equivalent factorization ``(A P, B P^{-T})`` of the same product ``A B^T``."""
     _check_factors(A, B)
+    _check_square(P, A, "P")
+    _check_linalg_dtype(A, "A, B and P")
     return A @ P, torch.linalg.solve(P, B.mT).mT
 
 
@@ -272,6 +275,8 @@ def preconditioned_step(
     ``S`` (..., r, r) SPD; ``S = I`` is plain LoRA.
     """
     _check_factors(A, B, G)
+    _check_square(S, A, "S")
+    _check_linalg_dtype(A, "A, B, G and S")
     grad_A = G @ B
     grad_B = G.mT @ A
     return A - eta * _spd_solve_right(grad_A, S), B - eta * grad_B @ S
@@ -286,6 +291,8 @@ def weight_update(A: Tensor, B: Tensor, G: Tensor, eta: float, S: Tensor) -> Ten
     ``M = A B^T`` alone (F6). Shapes: A (..., m, r), B (..., n, r), G (..., m, n).
     """
     _check_factors(A, B, G)
+    _check_square(S, A, "S")
+    _check_linalg_dtype(A, "A, B, G and S")
     first = A @ S @ (A.mT @ G) + (G @ B) @ _spd_solve_right(B, S).mT
     second = (G @ B) @ (A.mT @ G)
     return -eta * first + eta**2 * second
@@ -318,6 +325,8 @@ def upper_bounds(
     Returns ``(U_exact, U_relaxed)``, each of shape ``(...,)``.
     """
     _check_factors(A, B, G)
+    _check_square(S, A, "S")
+    _check_linalg_dtype(A, "A, B, G and S")
     dW = weight_update(A, B, G, eta, S)
     U_exact = loss + (G * dW).sum((-2, -1)) + 0.5 * L * dW.square().sum((-2, -1))
     M = A @ B.mT
@@ -330,7 +339,7 @@ def upper_bounds(
 
 
 def _check_factors(A: Tensor, B: Tensor, G: Tensor | None = None) -> None:
-    """Shape checks with messages that name the problem (never a deep matmul error)."""
+    """Shape and dtype checks with messages that name the problem (never a deep matmul error)."""
     if A.dim() < 2 or B.dim() < 2:
         raise ValueError(f"A and B must be matrices (..., m, r) and (..., n, r); got "
                          f"{tuple(A.shape)} and {tuple(B.shape)}")
@@ -340,3 +349,33 @@ def _check_factors(A: Tensor, B: Tensor, G: Tensor | None = None) -> None:
     if G is not None and G.shape[-2:] != (A.shape[-2], B.shape[-2]):
         raise ValueError(f"G must be m x n = {A.shape[-2]} x {B.shape[-2]} to match A "
                          f"{tuple(A.shape)} and B {tuple(B.shape)}; got {tuple(G.shape)}")
+    if A.dtype != B.dtype or (G is not None and G.dtype != A.dtype):
+        got = f"A {A.dtype}, B {B.dtype}" + ("" if G is None else f", G {G.dtype}")
+        raise TypeError(f"A, B and G must share one dtype; got {got}")
+
+
+def _check_square(S: Tensor, A: Tensor, name: str) -> None:
+    """``S`` (or ``P``) must be ``(..., r, r)`` for the rank ``r`` of ``A``, in its dtype."""
+    r = A.shape[-1]
+    if S.dim() < 2 or S.shape[-2:] != (r, r):
+        raise ValueError(f"{name} must be r x r = {r} x {r} to match the rank of A and B; "
+                         f"got {tuple(S.shape)}")
+    if S.dtype != A.dtype:
+        raise TypeError(f"{name} must have the dtype of A and B ({A.dtype}); got {S.dtype}")
+
+
+def _check_grams(X: Tensor, Y: Tensor, caller: str) -> None:
+    """Two square Grams of one shape and one float32/float64 dtype."""
+    if X.dim() < 2 or X.shape != Y.shape or X.shape[-1] != X.shape[-2]:
+        raise ValueError(f"{caller} needs two square Grams of the same shape, got "
+                         f"{tuple(X.shape)} and {tuple(Y.shape)}")
+    if X.dtype != Y.dtype:
+        raise TypeError(f"{caller} needs two Grams of one dtype, got {X.dtype} and {Y.dtype}")
+    _check_linalg_dtype(X, "the Grams")
+
+
+def _check_linalg_dtype(X: Tensor, what: str) -> None:
+    """The r x r factorizations (Cholesky, eigh, solve) need float32 or float64."""
+    if X.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{what} have dtype {X.dtype}; the r x r factorizations need float32 "
+                        f"or float64: promote half-precision factors first (e.g. A.float())")
