@@ -284,8 +284,10 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
         raise ValueError("checkpoint_every/resume need out= (the checkpoint lives next to the JSON lines)")
     if out is not None:
         out = Path(out)
-        if not out.parent.is_dir():
-            raise FileNotFoundError(f"output directory {out.parent} does not exist")
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"cannot create output directory {out.parent}: {err.strerror}") from None
     dev = resolve_device(device)
     if isinstance(probes, str):
         from .probes import make_probes

@@ -118,7 +118,7 @@ BAD_INPUTS = [
     (TRAIN + ["{out}", "--set", "colour=blue"], 2, "unknown override(s) 'colour'"),
     (TRAIN + ["{out}", "--set", "novalue"], 2, "expected key=value"),
     (TRAIN + ["{out}", "--hparam", "bogus=1"], 2, "bogus"),
-    (TRAIN + ["/no/such/dir/run.jsonl"], 2, "does not exist"),
+    (TRAIN + [__file__ + "/run.jsonl"], 2, "cannot create output directory"),
     (["train", "--method", "lora", "--steps", "3", "--out", "{out}"], 2, "--task"),
     (["fly"], 2, "invalid choice: 'fly'"),
     (["probe", "--task", "mf", "--probe", "balance", "--checkpoint", "/no/ckpt.pt"], 2,
