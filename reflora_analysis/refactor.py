@@ -559,7 +559,9 @@ class Refactorer(PairTransform):
                 self._warn_once(group, bad, "damping keeps the result finite")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", theory.DegenerateGramWarning)  # ours is above
-            S = theory.geometric_mean(X64, Y64, damping=self.damping)
+            # same threshold as the warning above, so the damping really goes where it says
+            S = theory.geometric_mean(X64, Y64, damping=self.damping,
+                                      singular_rtol=self._singular_tol(group))
         S_inv = theory.symmetrize(torch.linalg.inv_ex(S).inverse)
         return S, S_inv
 

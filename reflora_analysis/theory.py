@@ -122,19 +122,21 @@ def _cholesky_and_eigh(X: Tensor, Y: Tensor):
     return L, info, evals, evecs
 
 
-def _numerically_singular(L: Tensor, info: Tensor, evals: Tensor) -> Tensor:
+def _numerically_singular(L: Tensor, info: Tensor, evals: Tensor,
+                          rtol: float | None = None) -> Tensor:
     """Per batch element: X not PD, or X or C = L^T Y L condition number beyond 1/(r eps).
 
     cond(X) ~ (max diag L / min diag L)^2 is the cheap proxy a Cholesky gives for free.
     """
-    tol = torch.finfo(L.dtype).eps * L.shape[-1]
+    tol = torch.finfo(L.dtype).eps * L.shape[-1] if rtol is None else rtol
     diag = L.diagonal(dim1=-2, dim2=-1).abs()
     x_bad = diag.amin(-1).square() <= tol * diag.amax(-1).square()
     c_bad = evals[..., 0] <= tol * evals[..., -1].abs()
     return (info != 0) | x_bad | c_bad | ~torch.isfinite(evals).all(-1)
 
 
-def geometric_mean(X: Tensor, Y: Tensor, damping: float = 0.0) -> Tensor:
+def geometric_mean(X: Tensor, Y: Tensor, damping: float = 0.0,
+                   singular_rtol: float | None = None) -> Tensor:
     r"""The matrix geometric mean ``S = X^{-1} # Y``: the SPD solution of ``S X S = Y`` (F3).
 
     With the Cholesky factor ``X = L L^T`` and ``C = L^T Y L``,
@@ -149,6 +151,10 @@ def geometric_mean(X: Tensor, Y: Tensor, damping: float = 0.0) -> Tensor:
     X, Y : (..., r, r) symmetric positive (semi-)definite.
     damping : float
         Relative damping (:func:`relative_damping`): ``X + d I`` and ``Y + d I``.
+    singular_rtol : float, optional
+        Condition threshold: ``X`` or ``C`` counts as singular when its smallest eigenvalue
+        is below ``singular_rtol`` times its largest (default ``r * eps`` of the dtype; pass
+        the precision the Grams were accumulated in when they were upcast).
 
     Returns
     -------
@@ -162,6 +168,8 @@ def geometric_mean(X: Tensor, Y: Tensor, damping: float = 0.0) -> Tensor:
     :class:`DegenerateGramWarning` is issued, so the result is always finite.
     """
     _check_grams(X, Y, "geometric_mean")
+    if not (isinstance(damping, (int, float)) and damping >= 0 and damping < float("inf")):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
     if not bool((torch.isfinite(X).all() & torch.isfinite(Y).all()).item()):
         raise ValueError("geometric_mean: the Gram matrices hold NaN or Inf (the LoRA factors "
                          "are non-finite, e.g. after a diverged step)")
@@ -170,7 +178,7 @@ def geometric_mean(X: Tensor, Y: Tensor, damping: float = 0.0) -> Tensor:
         d = relative_damping(X, Y, damping)
         X, Y = _add_diag(X, d), _add_diag(Y, d)
     L, info, evals, evecs = _cholesky_and_eigh(X, Y)
-    bad = _numerically_singular(L, info, evals)
+    bad = _numerically_singular(L, info, evals, singular_rtol)
     if bool(bad.any()):
         warnings.warn(
             "singular or near-singular LoRA Gram matrix (e.g. the B = 0 start); extra damping "

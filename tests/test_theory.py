@@ -609,3 +609,11 @@ def test_non_finite_factors_raise_a_clear_error():
         A_bad[0, 0] = bad
         with pytest.raises(ValueError, match="NaN or Inf"):
             th.optimal_preconditioner(A_bad, B)
+
+
+@pytest.mark.parametrize("damping", [-1e-3, float("nan"), float("inf")])
+def test_invalid_damping_is_refused(damping):
+    # A negative damping used to be ignored silently (the code only added d > 0).
+    X = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+        th.geometric_mean(X, X, damping=damping)
