@@ -15,10 +15,11 @@ identity   the run's config (task, method, optimizer, lr, seed, hparams); a resu
 trainable  ``{name: tensor}`` for every parameter with ``requires_grad`` (the LoRA factors,
            plus any trainable head)
 buffers    ``{name: tensor}`` of the model's buffers (running statistics, if any)
-optimizer  ``optimizer.state_dict()`` (moments, AdamW step counts, and anything the
-           method's transform adds through the optimizer's state-dict hooks)
-transform  ``transform.state_dict()`` of the method's :class:`~reflora_analysis.refactor.PairTransform`
-           (None for methods without one)
+optimizer  ``optimizer.state_dict()``: moments, AdamW step counts, and the state of the
+           method's :class:`~reflora_analysis.refactor.PairTransform`, which its state-dict
+           hooks store under :data:`~reflora_analysis.refactor.STATE_DICT_KEY` (and
+           ``optimizer.load_state_dict`` restores); it is stored once, there (format 1 also
+           kept a separate ``transform`` copy, which doubled e.g. LoRA-Pro's 2mn moments)
 rng        torch CPU, every CUDA device, numpy's and Python's global generators
 extra      small JSON-able run counters (e.g. skipped steps)
 ========== ================================================================================
@@ -54,7 +55,7 @@ __all__ = [
     "load_checkpoint",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class PoisonedCheckpointError(RuntimeError):
@@ -147,7 +148,15 @@ def save_checkpoint(path, *, step: int, model: nn.Module, optimizer: torch.optim
 
     ``rng`` defaults to a snapshot taken now. Raises :class:`PoisonedCheckpointError`
     (naming the offending entry) without touching ``path`` if any state is non-finite.
+    ``transform``, if given, must be attached to ``optimizer``: its state is saved inside the
+    optimizer's state dict (``ValueError`` otherwise, since it would be lost).
     """
+    optimizer_state = optimizer.state_dict()
+    if transform is not None:
+        from .refactor import STATE_DICT_KEY
+        if transform.state_key not in optimizer_state.get(STATE_DICT_KEY, {}):
+            raise ValueError(f"{type(transform).__name__} is not attached to this optimizer, so "
+                             "its state would not be saved; attach it before checkpointing")
     ckpt = {
         "format": FORMAT_VERSION,
         "step": int(step),
@@ -155,12 +164,11 @@ def save_checkpoint(path, *, step: int, model: nn.Module, optimizer: torch.optim
         "identity": identity or {},
         "trainable": trainable_state(model),
         "buffers": {name: b.detach().clone() for name, b in model.named_buffers()},
-        "optimizer": optimizer.state_dict(),
-        "transform": transform.state_dict() if transform is not None else None,
+        "optimizer": optimizer_state,
         "rng": rng if rng is not None else capture_rng_state(),
         "extra": extra or {},
     }
-    bad = first_nonfinite({k: ckpt[k] for k in ("trainable", "optimizer", "transform")})
+    bad = first_nonfinite({k: ckpt[k] for k in ("trainable", "optimizer")})
     if bad is not None:
         raise PoisonedCheckpointError(
             f"refusing to write checkpoint at step {step}: {bad} holds NaN/Inf; the previous "
@@ -183,6 +191,11 @@ def load_checkpoint(path) -> dict:
     except Exception as exc:  # torch raises several types for a corrupt or foreign file
         raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT_VERSION:
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("format"), int) \
+            or isinstance(ckpt.get("format"), bool):
         raise ValueError(f"{path} is not a reflora-analysis checkpoint (format {FORMAT_VERSION})")
+    if ckpt["format"] != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format {ckpt['format']}, this reflora-analysis "
+                         f"reads format {FORMAT_VERSION} only; rerun without --resume (or with "
+                         "another --out), or resume with the version that wrote it")
     return ckpt

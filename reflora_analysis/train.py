@@ -58,6 +58,9 @@ from .checkpoint import (PoisonedCheckpointError, load_checkpoint,
                          load_trainable_state, restore_rng_state, save_checkpoint,
                          capture_rng_state)
 from .io import JsonLinesWriter, atomic_write_json, to_jsonable, truncate_json_lines
+from .methods.base import BASE_OPTIMIZERS, check_lr
+from .refactor import NonFiniteGradientError
+from .tasks.base import resolve_device
 
 __all__ = ["run", "TrainingDiverged", "checkpoint_path", "meta_path", "resolve_device",
            "seed_everything"]
@@ -90,24 +93,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def resolve_device(device) -> torch.device:
-    """``torch.device`` for ``device``; ``ValueError`` if malformed or CUDA is absent."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"invalid device {device!r} (use 'cpu', 'cuda' or 'cuda:N')") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            built = "without CUDA support" if torch.version.cuda is None else f"with CUDA {torch.version.cuda}"
-            raise ValueError(f"--device {device} was requested but CUDA is not available on this "
-                             f"machine (torch {torch.__version__} built {built}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise ValueError(f"unsupported device {device!r} (use 'cpu' or 'cuda')")
-    return dev
 
 
 def _versions() -> dict[str, str]:
@@ -198,14 +183,6 @@ def _pairs_argument(task) -> dict:
         return {"pairs": pairs}
 
 
-def _nonfinite_error_type():
-    try:
-        from .refactor import NonFiniteGradientError
-    except ImportError:
-        return ()
-    return (NonFiniteGradientError,)
-
-
 def _float(x) -> float:
     # .item() keeps float64 exact (a .float() first would round the logged loss to float32)
     return float(x.detach().item()) if isinstance(x, torch.Tensor) else float(x)
@@ -276,10 +253,15 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
     eval_every = _check_positive_int("eval_every", eval_every, allow_zero=True)
     checkpoint_every = _check_positive_int("checkpoint_every", checkpoint_every, allow_zero=True)
     if lr is not None:
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
-    if optimizer not in ("sgd", "adamw"):
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid: sgd, adamw")
+        try:
+            lr = check_lr(lr)  # the rule build_optimizer applies, checked before any set-up
+        except (TypeError, ValueError):
+            raise ValueError(f"lr must be a finite number > 0, got {lr!r}") from None
+    # build_optimizer's rule too (stripped, lower case); normalised here because the name
+    # also picks task.default_lr and goes into the run's identity
+    if not isinstance(optimizer, str) or optimizer.strip().lower() not in BASE_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(BASE_OPTIMIZERS)}")
+    optimizer = optimizer.strip().lower()
     if (checkpoint_every or resume) and out is None:
         raise ValueError("checkpoint_every/resume need out= (the checkpoint lives next to the JSON lines)")
     if out is not None:
@@ -347,9 +329,7 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
             for name, value in ckpt["buffers"].items():
                 if name in buffers:
                     buffers[name].copy_(value)
-        opt.load_state_dict(ckpt["optimizer"])
-        if transform is not None and ckpt["transform"] is not None:
-            transform.load_state_dict(ckpt["transform"])
+        opt.load_state_dict(ckpt["optimizer"])  # also restores the transform (its state-dict hook)
         start, elapsed_before = ckpt["step"], ckpt["elapsed"]
         skipped = int(ckpt["extra"].get("skipped", 0))
         restore_rng_state(ckpt["rng"])
@@ -389,8 +369,10 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
             if probes and is_main and t % probe_every == 0:
                 from .probes import ProbeContext
                 was_training = model.training
+                # during warm-up / between interval steps the coming update is plain LoRA's
                 ctx = ProbeContext(task=task, method=method, optimizer=optimizer, lr=lr, step=t,
-                                   batch=task.batch(t), hparams=dict(method_hparams))
+                                   batch=task.batch(t), hparams=dict(method_hparams),
+                                   active=transform is None or transform.is_active())
                 for probe in probes:
                     record.update({k: _jsonable_scalar(v) for k, v in probe(ctx).items()})
                 model.train(was_training)
@@ -430,7 +412,7 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
                 else:
                     try:
                         opt.step()
-                    except _nonfinite_error_type() as exc:
+                    except NonFiniteGradientError as exc:
                         problem = TrainingDiverged(f"{exc} ({method}, {optimizer}, lr={lr:g})",
                                                    step=t, layer=getattr(exc, "layer", None),
                                                    what="gradient")

@@ -101,8 +101,12 @@ def test_ref_trainer_step_equals_build_optimizer_step(tmp_path):
     for n in ours:
         step = float((ours[n] - start[n]).norm())
         assert step > 1e-6, n  # the step is real, so the comparison below can fail
-        # float32 forward/backward of one batch (rows maybe reordered, mean loss): round-off only
-        assert float((theirs[n] - ours[n]).norm()) < 1e-3 * step, n
+        # Both runs do the same float32 ops on the same 4 rows in one thread: measured bitwise
+        # equal (difference 0.0 for seeds 1-3). 1e-6 of the step admits only float32-eps-level
+        # noise in the gradient reductions; a wrong lr, a missed transform or another batch
+        # changes the step by O(step).
+        tol = 1e-6 * step
+        assert float((theirs[n] - ours[n]).norm()) <= tol, (n, tol)
     assert transform.step_count == 1 and trainer.lora_transform.step_count == 1
 
 

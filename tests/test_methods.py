@@ -467,3 +467,196 @@ def test_bad_inputs_raise_one_line_errors():
     with pytest.raises(ValueError, match="no trainable LoRA layers"):
         build_optimizer("lora", nn.Linear(3, 3), lr=1e-2)
     assert set(METHODS) == set(ALL)
+
+
+# ---------------------------------------------------------------------------- review fixes
+
+def _pairs(seed=15):
+    A, B, _, _ = _problem(seed)
+    return [(nn.Parameter(A.clone()), nn.Parameter(B.clone()))]
+
+
+def _one_line(excinfo) -> bool:
+    return "\n" not in str(excinfo.value)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("hp,exc,match", [
+    ({"betas": 2}, TypeError, "betas must be a pair"),
+    ({"betas": (0.9,)}, TypeError, "betas must be a pair"),
+    ({"betas": ("a", 0.9)}, TypeError, "betas must be a pair"),
+    ({"betas": (0.9, 1.0)}, ValueError, r"betas must lie in \[0, 1\)"),
+    ({"eps": "x"}, TypeError, "eps must be a number"),
+    ({"eps": -1e-6}, ValueError, "eps must be"),
+    ({"clip": "x"}, TypeError, "clip must be a number or None"),
+    ({"clip": 0.0}, ValueError, "clip must be > 0"),
+    ({"skip": "x"}, TypeError, "skip must be a number or None"),
+    ({"skip": -1.0}, ValueError, "skip must be > 0"),
+    ({"skip": math.nan}, ValueError, "skip must be > 0"),
+    ({"cap": "x"}, TypeError, "cap .*must be a number"),
+    ({"cap": -1.0}, ValueError, "cap .*must be finite and >= 0"),
+    ({"escaped_mass": "yes"}, TypeError, "escaped_mass must be True or False"),
+])
+def test_lora_rite_bad_hyperparameters_raise_one_line_errors_naming_them(hp, exc, match, optimizer):
+    with pytest.raises(exc, match="lora-rite " + match) as excinfo:
+        build_optimizer("lora-rite", _pairs(), optimizer=optimizer, lr=1e-2, **hp)
+    assert _one_line(excinfo)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("hp,exc,match", [
+    ({"eps": "a"}, TypeError, "lora-pro eps must be a number"),
+    ({"eps": -1.0}, ValueError, "lora-pro eps must be"),
+    ({"betas": 2}, TypeError, "lora-pro betas must be a pair"),
+    ({"betas": (0.9, 1.5)}, ValueError, r"lora-pro betas must lie in \[0, 1\)"),
+])
+def test_lora_pro_validates_its_adam_hyperparameters_whatever_the_optimizer(hp, exc, match,
+                                                                            optimizer):
+    # under SGD these are unused, but a typo must not pass silently either
+    with pytest.raises(exc, match=match) as excinfo:
+        build_optimizer("lora-pro", _pairs(), optimizer=optimizer, lr=1e-2, **hp)
+    assert _one_line(excinfo)
+    build_optimizer("lora-pro", _pairs(), optimizer=optimizer, lr=1e-2, betas=(0.5, 0.9), eps=0.0)
+
+
+@pytest.mark.parametrize("label", ["A", "B", "G"])
+def test_single_step_update_refuses_integer_tensors(label):
+    A, B, G, _ = _problem(15)
+    args = {"A": A, "B": B, "G": G}
+    args[label] = args[label].round().to(torch.int64)
+    with pytest.raises(TypeError, match=f"{label} must be floating point, got torch.int64"):
+        single_step_update("lora", args["A"], args["B"], args["G"], 1e-2)
+
+
+def test_method_info_notes_state_the_caveats_the_tests_rely_on():
+    # lora-rite: the reference skip=1.0 zeroes the whole update at a unit-scale point ...
+    A, B, G, _ = _problem(18)
+    with pytest.warns(UserWarning, match="skip=None"):
+        assert single_step_update("lora-rite", A, B, 3 * G, 1e-2).abs().max() == 0
+    assert single_step_update("lora-rite", A, B, 3 * G, 1e-2, skip=None).abs().max() > 0
+    notes = METHOD_INFO["lora-rite"]["notes"]
+    assert "skip=1.0" in notes and "skip=None" in notes
+    # ... and balance equals reflora under SGD only away from singular Grams: from A = 0
+    # (PEFT's start) balance leaves the layer unprojected, reflora's damped preconditioner acts
+    Z = torch.zeros_like(A)
+    Y = torch.randn(7, 5, generator=torch.Generator().manual_seed(0), dtype=D)
+    with pytest.warns(UserWarning, match="singular"):
+        w_balance = _run("balance", Z, B, Y, 3, 2e-2, damping=0.0)
+        w_reflora = _run("reflora", Z, B, Y, 3, 2e-2, damping=0.0)
+    assert _rel(w_balance[-1], w_reflora[-1]) > 1e-2  # observed ~1e4: really different
+    assert "singular" in METHOD_INFO["balance"]["notes"]
+
+
+@pytest.mark.parametrize("transform_cls,hp,bad", [
+    (LoraRiteTransform, {"skip": None}, "LoRA-RITE"),
+    (None, {}, "LoRA-Pro"),
+])
+def test_stateful_transforms_refuse_foreign_state(transform_cls, hp, bad):
+    from reflora_analysis.methods import LoraProTransform
+
+    cls = transform_cls or LoraProTransform
+    t = cls(_pairs(), **hp)
+    for state in ("not a dict", {"step_count": 0}, {**t.state_dict(), t.state_key: {"step": 0}},
+                  {**t.state_dict(), t.state_key: {"step": 0, t.layers_field: [None, None]}}):
+        with pytest.raises(ValueError, match=f"{bad} transform with 1 pairs"):
+            t.load_state_dict(state)
+    t.load_state_dict(t.state_dict())
+
+
+def _forbid_host_sync(monkeypatch):
+    def sync(self, *args):
+        raise AssertionError("host synchronisation (tensor -> Python value) inside pre_step")
+
+    for name in ("__float__", "__bool__", "__int__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+
+
+def test_lora_rite_guards_run_on_the_device_without_host_syncs(monkeypatch):
+    """Clip, cap, escaped mass and (once its warning is shown) skip never read a tensor on the host."""
+    A, B, G, _ = _problem(19)
+    a, b = nn.Parameter(A.clone()), nn.Parameter(B.clone())
+    opt, t = build_optimizer("lora-rite", [(a, b)], lr=1e-2, cap=1e-3, escaped_mass=True)
+    with pytest.warns(UserWarning, match="skip=None"):  # the one allowed sync: the first skip
+        a.grad, b.grad = 1e4 * G @ B, 1e4 * G.T @ A
+        opt.step()
+    assert t.skipped == 2
+    with monkeypatch.context() as mp:
+        _forbid_host_sync(mp)
+        for scale in (1e4, 1e-2):  # skipped (warning already shown), then a step the cap acts on
+            a.grad, b.grad = scale * G @ b.detach(), scale * G.T @ a.detach()
+            t.pre_step(opt)
+    assert t.skipped == 4 and torch.isfinite(a.grad).all() and a.grad.abs().max() > 0
+
+
+def test_lora_rite_device_guards_match_the_host_formulas():
+    """clip, cap and skip as the module docstring states them, step by step (float64)."""
+    A, B, G, _ = _problem(20)
+    clip, cap, lr = 0.05, 1e-3, 1e-2
+    a, b = nn.Parameter(A.clone()), nn.Parameter(B.clone())
+    a.grad, b.grad = G @ B, G.T @ A
+    opt, _ = build_optimizer("lora-rite", [(a, b)], lr=lr, eps=0.0, clip=clip, skip=10.0, cap=cap)
+    opt.step()
+    _, R_A = torch.linalg.qr(A)
+    _, R_B = torch.linalg.qr(B)
+    Gbars = [G @ B @ torch.linalg.inv(R_B), G.T @ A @ torch.linalg.inv(R_A)]
+    total = math.sqrt(sum(float(x.square().sum()) for x in Gbars))
+    assert total > clip  # the clip acts, so it is tested
+    for X, R_other, Gbar, new in ((A, R_B, Gbars[0], a), (B, R_A, Gbars[1], b)):
+        Gbar = Gbar * (clip / total)
+        evals, E = torch.linalg.eigh(Gbar.T @ Gbar / X.shape[0])
+        M = Gbar @ E @ torch.diag(evals.rsqrt()) @ E.T
+        rms = float(M.square().mean().sqrt())
+        assert rms > cap  # the cap acts too
+        M = M / (rms / cap)
+        assert _rel(new.detach(), X - lr * M @ torch.linalg.inv(R_other).T) < 1e-12  # float64
+
+
+# ---------------------------------------------------------------------------- Conv LoRA
+
+class _ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 4, 3), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((-1, -2)))
+
+
+def _conv_peft_model():
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(_ConvNet(), LoraConfig(r=2, lora_alpha=4,
+                                                  target_modules=["conv", "fc"])).double()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    return model
+
+
+@pytest.mark.parametrize("method", ["lora", "lora+"])
+def test_lora_and_loraplus_train_peft_conv_lora_layers(method):
+    model = _conv_peft_model()
+    opt, t = build_optimizer(method, model, lr=1e-2, ratio=16.0) if method == "lora+" else \
+        build_optimizer(method, model, lr=1e-2)
+    assert t is None
+    lr_of = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert {id(p) for p in trainable.values()} == set(lr_of) and any("conv" in n for n in trainable)
+    for name, p in trainable.items():  # lora+: PEFT's lora_B (paper A) is the fast factor
+        fast = method == "lora+" and "lora_B" in name
+        assert lr_of[id(p)] == pytest.approx(16e-2 if fast else 1e-2), name
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    x = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(0), dtype=D)
+    model(x).square().sum().backward()
+    opt.step()
+    assert all(not torch.equal(before[n], p.detach()) for n, p in trainable.items())
+
+
+@pytest.mark.parametrize("method", ["reflora", "scaledgd", "lora-rite", "lora-pro", "balance"])
+def test_pair_methods_refuse_conv_lora_naming_the_methods_that_support_it(method):
+    with pytest.raises(ValueError, match=r"Conv2d.*only methods lora and lora\+") as excinfo:
+        build_optimizer(method, _conv_peft_model(), lr=1e-2)
+    assert _one_line(excinfo)

@@ -13,12 +13,14 @@ from hypothesis import strategies as st
 from torch import nn
 
 from reflora_analysis import theory
+from reflora_analysis.methods import build_optimizer, single_step_update
 from reflora_analysis.pairs import find_lora_pairs
 from reflora_analysis.probes import (FlatSliceWarning, ProbeContext, available_probes,
                                      bound_line_scan, consistency_score, consistency_table,
                                      eigenvalue_density,
                                      gradient_in_W, hessian_trace, lanczos_top_eigenvalues,
-                                     loss_landscape, make_probes, top_hessian_eigenvalue)
+                                     loss_landscape, make_probes, preconditioner_for,
+                                     top_hessian_eigenvalue)
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -201,7 +203,7 @@ def test_gradient_in_W_matches_autograd():
 
 # ---------------------------------------------------------------- bounds (F8)
 
-@pytest.mark.parametrize("method", ["lora", "reflora"])
+@pytest.mark.parametrize("method", ["lora", "reflora", "reflora-s", "balance"])
 def test_bound_inequalities_along_an_mf_run(method):
     g = torch.Generator().manual_seed(0)
     m, n, r = 10, 8, 3
@@ -215,16 +217,18 @@ def test_bound_inequalities_along_an_mf_run(method):
         out = probe(ProbeContext(task, method, "sgd", lr, step, None))
         scale = 1e-10 * max(1.0, abs(out["bound/loss"]))  # round-off allowance
         assert out["bound/next_loss"] <= out["bound/U_exact"] + scale
+        # every method here is in the S-family (balance: BASELINES.md section 5), so F8b exists
         assert out["bound/U_exact"] <= out["bound/U_relaxed"] + scale
         A, B = model.A.detach(), model.B.detach()
         G = model.weight().detach() - Y
-        S = torch.eye(r, dtype=F64) if method == "lora" else theory.optimal_preconditioner(A, B)
-        A1, B1 = theory.preconditioned_step(A, B, G, lr, S)
-        # the probe's next loss is the loss the step actually reaches
-        assert out["bound/next_loss"] == pytest.approx(task.loss_in_W(A1 @ B1.T).item(), rel=1e-12)
-        with torch.no_grad():
-            model.A.copy_(A1)
-            model.B.copy_(B1)
+        # the probe's next loss is the loss the method's actual SGD step reaches (not the F2
+        # formula the probe's own bound uses); rel 1e-12: float64 round-off of one step
+        dW = single_step_update(method, A, B, G, lr)
+        assert out["bound/next_loss"] == pytest.approx(task.loss_in_W(A @ B.T + dW).item(), rel=1e-12)
+        opt, _ = build_optimizer(method, [(model.A, model.B)], lr=lr)
+        model.A.grad, model.B.grad = G @ B, G.T @ A
+        opt.step()  # the run itself, with the method's optimizer and transform
+        model.A.grad = model.B.grad = None
     assert out["bound/loss"] < 0.5 * task.loss_in_W(torch.zeros(m, n, dtype=F64)).item()
 
 
@@ -447,3 +451,163 @@ def test_bound_probe_for_methods_outside_the_S_family():
         # the descent lemma holds for any step of an L-smooth loss (L = 1 here, exact)
         assert out["bound/next_loss"] <= out["bound/U_exact"] + 1e-10 * out["bound/loss"]
         assert out["bound/next_loss"] < out["bound/loss"]
+
+
+# ---------------------------------------------------------------- the step the run takes
+
+def _mf_task(seed=5, m=7, n=5, r=2):
+    g = torch.Generator().manual_seed(seed)
+    model = Factors(torch.randn(m, r, generator=g, dtype=F64), torch.randn(n, r, generator=g, dtype=F64))
+    return MFTask(model, torch.randn(m, n, generator=g, dtype=F64))
+
+
+def test_inactive_transform_is_probed_as_plain_lora():
+    task = _mf_task()
+    probes = make_probes("consistency,bound")
+    run_hparams = {"warmup_steps": 5, "interval": 2, "damping": 0.0, "momentum": 0.0}
+
+    def measure(method, active, hparams):
+        ctx = ProbeContext(task, method, "sgd", 0.05, 3, None, hparams=hparams, active=active)
+        return {k: v for p in probes for k, v in p(ctx).items() if not k.endswith("/seconds")}
+
+    lora = measure("lora", True, {})
+    warm = measure("reflora", False, run_hparams)
+    refl = measure("reflora", True, run_hparams)
+    # inactive: exactly plain LoRA's step (same computation, so equal to the last bit)
+    for key in ("consistency/score", "bound/next_loss", "bound/U_exact", "bound/U_relaxed"):
+        assert warm[key] == lora[key], key
+    assert warm["consistency/method_active"] == warm["bound/method_active"] == 0.0
+    # active: RefLoRA's step although the run's schedule hyper-parameters are in the context
+    # (1e-8: float64 round-off of r x r solves, cond(P) <= 4; LoRA's spread is O(1))
+    assert refl["consistency/score"] < 1e-8 < 1e-2 < lora["consistency/score"]
+    assert refl["consistency/method_active"] == refl["bound/method_active"] == 1.0
+    A, B = task.pairs[0].A.detach(), task.pairs[0].B.detach()
+    dW = single_step_update("reflora", A, B, A @ B.T - task.Y, 0.05)
+    assert refl["bound/next_loss"] == pytest.approx(task.loss_in_W(A @ B.T + dW).item(), rel=1e-12)
+
+
+def test_method_names_are_normalised_and_unknown_ones_refused():
+    task = _mf_task()
+    bound = make_probes("bound")[0]
+    ctx = lambda method: ProbeContext(task, method, "sgd", 0.05, 0, None)  # noqa: E731
+    plain, spelled = bound(ctx("lora")), bound(ctx(" LoRA "))
+    assert spelled["bound/next_loss"] == plain["bound/next_loss"]
+    assert not math.isnan(spelled["bound/U_relaxed"])
+    A, B = task.pairs[0].A.detach(), task.pairs[0].B.detach()
+    grad_fn = lambda W: W - task.Y  # noqa: E731
+    assert consistency_score("RefLoRA", A, B, grad_fn, damping=0.0) < 1e-8
+    with pytest.raises(ValueError, match="unknown method 'loraa'; valid methods: lora"):
+        bound(ctx("loraa"))
+    with pytest.raises(ValueError, match="unknown method 'loraa'"):
+        consistency_score("loraa", A, B, grad_fn)
+    with pytest.raises(ValueError, match="unknown method"):
+        preconditioner_for("reflora_s", A, B)
+    # a schedule has no meaning for one step: refused instead of silently probing warm-up
+    with pytest.raises(ValueError, match="warmup_steps describe a training schedule"):
+        consistency_score("reflora", A, B, grad_fn, warmup_steps=2)
+
+
+def test_balance_preconditioner_is_reflora_s_star():
+    # BASELINES.md section 5: with SGD balance's W step equals RefLoRA's, so S = S*
+    A, B = torch.randn(6, 3, dtype=F64), torch.randn(4, 3, dtype=F64)
+    G = torch.randn(6, 4, dtype=F64)
+    S = preconditioner_for("balance", A, B)
+    torch.testing.assert_close(S, theory.optimal_preconditioner(A, B), rtol=0, atol=0)
+    # 1e-12 relative: float64 round-off of the projection (SVD-free r x r algebra)
+    torch.testing.assert_close(single_step_update("balance", A, B, G, 0.1),
+                               theory.weight_update(A, B, G, 0.1, S), rtol=1e-12, atol=1e-14)
+
+
+def test_degenerate_layer_threshold_uses_the_factor_precision():
+    # B with singular values 1 and 1e-9: rank-deficient in float32 (eps ~1.2e-7), not in float64
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(4, 2, generator=g, dtype=F64))[0]
+    B64 = U * torch.tensor([1.0, 1e-9], dtype=F64)
+    A64 = torch.randn(5, 2, generator=g, dtype=F64)
+    probe = make_probes("consistency")[0]
+    for dtype, expected in ((torch.float64, 0.0), (torch.float32, 1.0)):
+        task = MFTask(Factors(A64.to(dtype), B64.to(dtype)), torch.randn(5, 4, generator=g).to(dtype))
+        out = probe(ProbeContext(task, "lora", "sgd", 0.1, 0, None))
+        assert out["consistency/degenerate_layers"] == expected, dtype
+
+
+def _peft_classifier():
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                  num_attention_heads=2, intermediate_size=32,
+                                  max_position_embeddings=16, num_labels=3)
+    torch.manual_seed(0)
+    base = transformers.BertForSequenceClassification(cfg)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["query", "value"],
+                                                      modules_to_save=["classifier"],
+                                                      init_lora_weights=False))
+    batch = {"input_ids": torch.randint(0, 50, (4, 6)), "labels": torch.tensor([0, 1, 2, 1])}
+
+    @dataclass
+    class ClsTask:
+        model: nn.Module
+        name: str = "peft-cls-test"
+
+        def __post_init__(self):
+            self.pairs = find_lora_pairs(self.model)
+
+        def loss(self, b):
+            return self.model(**b).loss
+
+        def batch(self, step):
+            return batch
+
+    return ClsTask(model)
+
+
+def test_sharpness_probe_differentiates_the_lora_factors_only(monkeypatch):
+    from reflora_analysis.probes import sharpness as sharpness_module
+    task = _peft_classifier()
+    lora_ids = {id(t) for p in task.pairs for t in p.params}
+    trainable = {id(p) for p in task.model.parameters() if p.requires_grad}
+    assert trainable - lora_ids, "the test model must have a trainable head"
+    seen = []
+    original = sharpness_module.HessianOperator
+
+    def spy(closure, params, **kw):
+        seen.append({id(p) for p in params})
+        return original(closure, params, **kw)
+
+    monkeypatch.setattr(sharpness_module, "HessianOperator", spy)
+    snap = _snapshot(task.model)
+    ctx = ProbeContext(task, "reflora", "adamw", 1e-3, 0, None)
+    out = make_probes("sharpness", trace_samples=3, max_iter=5)[0](ctx)
+    assert seen and all(s == lora_ids for s in seen)  # Lanczos and the trace: LoRA only
+    assert out["sharpness/hvps"] >= 3
+    _assert_same(task.model, snap)
+    seen.clear()
+    make_probes("sharpness", trace_samples=0, max_iter=5, include_head=True)[0](ctx)
+    assert seen == [trainable]
+    _assert_same(task.model, snap)
+
+
+def test_hessian_functions_take_a_parameter_subset():
+    # f(x, y) = 1/2 x^T H x + 5 x.y + 50 y^2: the x-block of the Hessian is H alone
+    model, closure_x, H = _quadratic_model(d=12, seed=2)
+    model.y = nn.Parameter(torch.ones(12, dtype=F64))
+    closure = lambda: closure_x() + 5 * model.x @ model.y + 50 * model.y.square().sum()  # noqa: E731
+    x_only = [model.x]
+    exact = torch.linalg.eigvalsh(H)
+    for method in ("lanczos", "pyhessian"):
+        value = top_hessian_eigenvalue(model, closure, method=method, tol=1e-6, params=x_only)
+        # the 1e-6 residual bound bounds the relative error (PyHessian returns its own power
+        # iteration's estimate, ~1e-6 off here), far below 1e-4; the full Hessian's top is ~100
+        assert value == pytest.approx(float(exact[-1]), rel=1e-4), method
+    full = top_hessian_eigenvalue(model, closure, tol=1e-8)
+    assert full > 90  # 100 on the y-block, shifted by the coupling: the subset matters
+    est, se = hessian_trace(model, closure, n_samples=36, params=x_only)
+    # Hutch++ on 12 dimensions with 12 deflation vectors is exact up to round-off
+    assert est == pytest.approx(float(H.trace()), abs=1e-8)
+    dens = eigenvalue_density(model, closure, n_v=2, n_iter=12, params=x_only)
+    assert dens["nodes"][0].max() == pytest.approx(float(exact[-1]), rel=1e-8)
+    assert model.y.requires_grad and model.x.requires_grad
+    with pytest.raises(ValueError, match="does not require grad"):
+        top_hessian_eigenvalue(model, closure, params=[model.x.detach()])
+    with pytest.raises(ValueError, match="params is empty"):
+        hessian_trace(model, closure, params=[])

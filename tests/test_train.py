@@ -15,6 +15,7 @@ import torch
 
 from reflora_analysis.checkpoint import first_nonfinite, load_checkpoint
 from reflora_analysis.io import read_json_lines
+from reflora_analysis.refactor import STATE_DICT_KEY
 from reflora_analysis.tasks import make_task
 from reflora_analysis.train import (TrainingDiverged, checkpoint_path, meta_path, resolve_device,
                                     run)
@@ -186,7 +187,7 @@ def test_divergence_never_writes_a_poisoned_checkpoint(tmp_path):
         run("mf", "lora", lr=0.03, steps=200, out=out, checkpoint_every=1, progress=False)
     ckpt = load_checkpoint(checkpoint_path(out))
     assert ckpt["step"] <= info.value.step
-    assert first_nonfinite({k: ckpt[k] for k in ("trainable", "optimizer", "transform")}) is None
+    assert first_nonfinite({k: ckpt[k] for k in ("trainable", "optimizer")}) is None
 
 
 def test_probe_values_are_logged_every_k_steps():
@@ -219,3 +220,77 @@ def test_bf16_autocast_changes_the_arithmetic_but_trains():
     # bf16 keeps ~3 significant digits: the losses differ, but by well under 1% at step 0
     assert autocast[0]["loss"] != plain[0]["loss"]
     assert abs(autocast[0]["loss"] - plain[0]["loss"]) < 1e-2 * plain[0]["loss"]
+
+
+# ---------------------------------------------------------------- probes see the step taken
+
+def test_probes_follow_the_transform_schedule():
+    """During warm-up / between interval steps the update is plain LoRA's; the consistency and
+    bound probes must measure that step, not a fresh transform's (which would be in warm-up)."""
+    steps = 6
+    records = run("mf", "reflora", steps=steps, probes="consistency,bound", probe_every=1,
+                  warmup_steps=2, interval=2, progress=False)
+    active = {t: t >= 2 and (t - 2) % 2 == 0 for t in range(steps + 1)}
+    for r in records:
+        t = r["step"]
+        if active[t]:  # RefLoRA (damping 0) is exactly invariant: round-off ~1e-15 (F6)
+            assert r["consistency/score"] < 1e-8, t
+        else:  # LoRA's step changes by O(1) over factorizations with cond(P) <= 4
+            assert r["consistency/score"] > 1e-2, t
+        if t < steps:
+            # the bound's next loss is the loss the run reaches one update later; the two
+            # differ by round-off of W + dW vs W0 + A+ B+^T (float64, ~1e-15 relative)
+            assert r["bound/next_loss"] == pytest.approx(records[t + 1]["loss"], rel=1e-10), t
+        assert r["consistency/method_active"] == r["bound/method_active"] == float(active[t])
+
+
+def test_resume_restores_the_transform_schedule_from_the_optimizer_state(tmp_path):
+    """The checkpoint keeps the transform's state once, inside the optimizer state dict; a
+    resume whose transform restarted its step counter would extend the warm-up (plain LoRA
+    steps) and change the losses after the checkpoint."""
+    steps, hp = 8, dict(warmup_steps=6, interval=1)
+    reference = run("mf", "reflora", steps=steps, progress=False, **hp)
+    out = tmp_path / "run.jsonl"
+
+    def crash_at_7(ctx):
+        if ctx.step == 7:
+            raise RuntimeError("simulated crash")
+        return {}
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run("mf", "reflora", steps=steps, out=out, checkpoint_every=5, probes=[crash_at_7],
+            probe_every=1, progress=False, **hp)
+    ckpt = load_checkpoint(checkpoint_path(out))
+    assert ckpt["step"] == 5 and "transform" not in ckpt
+    assert ckpt["optimizer"][STATE_DICT_KEY]["Refactorer"]["step_count"] == 5
+    resumed = run("mf", "reflora", steps=steps, out=out, checkpoint_every=5, resume=True,
+                  progress=False, **hp)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]
+
+
+def test_an_old_format_checkpoint_is_a_clear_error(tmp_path):
+    out = tmp_path / "run.jsonl"
+    run("mf", "reflora", steps=2, out=out, checkpoint_every=1, progress=False)
+    ckpt = load_checkpoint(checkpoint_path(out))
+    ckpt["format"] = 1
+    torch.save(ckpt, checkpoint_path(out))
+    with pytest.raises(ValueError, match="has format 1, this reflora-analysis reads format 2"):
+        run("mf", "reflora", steps=3, out=out, checkpoint_every=1, resume=True, progress=False)
+
+
+def test_a_detached_transform_cannot_be_checkpointed(tmp_path):
+    from reflora_analysis.checkpoint import save_checkpoint
+    from reflora_analysis.methods import build_optimizer
+    task = make_task("mf")
+    opt, transform = build_optimizer("reflora", task.model, pairs=task.pairs, lr=0.01)
+    transform.detach()
+    with pytest.raises(ValueError, match="not attached to this optimizer"):
+        save_checkpoint(tmp_path / "x.ckpt.pt", step=0, model=task.model, optimizer=opt,
+                        transform=transform)
+
+
+def test_optimizer_name_is_normalised_like_build_optimizer():
+    records = run("mf", "lora", optimizer=" SGD ", steps=1, progress=False)
+    assert records[0]["optimizer"] == "sgd"
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got 'x'"):
+        run("mf", "lora", lr="x", steps=1, progress=False)

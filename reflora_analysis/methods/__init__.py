@@ -36,8 +36,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from ..pairs import find_lora_pairs
-from ..refactor import PairTransform
+from ..refactor import PairTransform, Refactorer
 from .base import (BASE_OPTIMIZER_KWARGS, BASE_OPTIMIZERS, check_lr, resolve_trainables,
                    uses_dora)
 from .lora import DEFAULT_RATIO, build_lora, build_loraplus
@@ -89,14 +88,16 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in [
                 "arXiv 2106.09685",
           formula="A <- A - eta grad_A, B <- B - eta grad_B (base optimizer on the factors)",
           invariance="none", state="base optimizer only (AdamW: 2(m+n)r)",
-          notes="Plain LoRA; the update changes with the factorization (A P, B P^-T)."),
+          notes="Plain LoRA; the update changes with the factorization (A P, B P^-T). Needs no "
+                "(A, B) mapping, so it also trains PEFT Conv LoRA layers (as lora+ does)."),
     _spec("lora+", build_loraplus, {"ratio": DEFAULT_RATIO},
           paper="Hayou, Ghosh, Yu, LoRA+: Efficient Low Rank Adaptation of Large Models, "
                 "ICML 2024, arXiv 2402.12354",
           formula="lr(A = PEFT lora_B) = ratio * lr(B = PEFT lora_A); ratio = 16",
           invariance="none", state="base optimizer only (AdamW: 2(m+n)r)",
           notes="PEFT models: peft.optimizers.create_loraplus_optimizer (1-D params in the fast "
-                "group, embedding LoRA at lr 1e-6); plain pairs: our two parameter groups."),
+                "group, embedding LoRA at lr 1e-6; Conv LoRA layers too); plain pairs: our two "
+                "parameter groups."),
     _spec("scaledgd", build_scaledgd, {"damping": DEFAULT_DAMPING},
           paper="Tong, Ma, Chi, JMLR 2021, arXiv 2005.08898; Zhang, Pilanci, Riemannian "
                 "Preconditioned LoRA, ICML 2024, arXiv 2402.02347",
@@ -117,7 +118,10 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in [
           notes="An adaptive optimizer itself: optimizer='sgd' writes its direction into .grad "
                 "for plain SGD (momentum must be 0); optimizer='adamw' takes the same SGD step "
                 "inside the transform and AdamW trains only the non-LoRA parameters. Exact "
-                "GL(r) invariance needs weight_decay=0."),
+                "GL(r) invariance needs weight_decay=0. The reference default skip=1.0 zeroes a "
+                "factor's update whenever the RMS of its unmagnified gradient Gbar exceeds 1 "
+                "(it is tuned for LLM-scale gradients; generic unit-scale points, e.g. random "
+                "factors and G, trip it), so consistency/invariance probes pass skip=None."),
     _spec("lora-pro", build_lora_pro, {"x_mode": "sylvester", "betas": (0.9, 0.999), "eps": 1e-8},
           paper="Wang, Liang, Zhang, Tan, LoRA-Pro: Are Low-Rank Adapters Properly Optimized?, "
                 "ICLR 2025, arXiv 2407.18242",
@@ -125,7 +129,8 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in [
                   "ghat_B = s^-2 grad_B (A^T A)^-1 + B X^T, X from a Sylvester equation",
           invariance="first-order", state="SGD: none extra; AdamW ('full'): 2mn per layer",
           notes="optimizer='adamw' is the released 'full' mode: m x n Adam moments of g~ and an "
-                "internal SGD outer step. Exact invariance only for orthogonal P. Not "
+                "internal SGD outer step. Exact invariance only for orthogonal P. betas/eps "
+                "act only with optimizer='adamw' (they are validated with 'sgd' too). Not "
                 "available with DoRA.", dora=False),
     _spec("reflora", build_refactored, _REFLORA_HPARAMS, paper=_REFLORA_PAPER,
           formula="grad_A <- grad_A S*^-1, grad_B <- grad_B S*, S* = (A^T A)^-1 # (B^T B)",
@@ -143,8 +148,11 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in [
                 "arXiv 2605.31484",
           formula="after each step: (A, B) <- (A P, B P^-1), P = S*^(1/2) (A^T A = B^T B, same A B^T)",
           invariance="exact", state="none extra; O((m+n)r^2 + r^3) per step",
-          notes="With SGD the W trajectory equals reflora's (exact GL(r) invariance); with AdamW "
-                "the moments are not transformed (not invariant).",
+          notes="With SGD and non-singular Grams in every layer the W trajectory equals "
+                "reflora's (exact GL(r) invariance). Not from a singular start (PEFT's lora_B = 0): "
+                "balance leaves layers with singular Grams unprojected while reflora's damped "
+                "preconditioner still acts, so the trajectories differ (use warmup_steps). With "
+                "AdamW the moments are not transformed (not invariant).",
           fixed={"method": "balance"}),
 ]}
 
@@ -188,6 +196,8 @@ def build_optimizer(method: str, model_or_pairs, *, optimizer: str = "sgd", lr: 
     model_or_pairs : nn.Module | list of (A, B) | list of LoraPair
         A PEFT model (every ``requires_grad`` parameter is trained; non-LoRA ones, e.g. a
         classifier head, by the base optimizer at ``lr``) or explicit pairs (A m x r, B n x r).
+        PEFT Conv LoRA layers have no (A, B) mapping: ``lora`` and ``lora+`` train them
+        (PEFT's own grouping for ``lora+``), the other methods raise ``ValueError`` saying so.
     optimizer : "sgd" | "adamw"
         The base optimizer (``torch.optim.SGD`` / ``torch.optim.AdamW``).
     lr : float > 0.   weight_decay : float >= 0 (the base optimizer's).
@@ -216,7 +226,7 @@ def build_optimizer(method: str, model_or_pairs, *, optimizer: str = "sgd", lr: 
             or not weight_decay >= 0:
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     base_kwargs, method_hparams = _split_hparams(spec, optimizer, hparams)
-    trainables = resolve_trainables(model_or_pairs, pairs)
+    trainables = resolve_trainables(model_or_pairs, pairs, method=spec.name)
     if not spec.dora and uses_dora(trainables.model):
         raise ValueError(f"method {spec.name!r} is not available with DoRA (use_dora=True): "
                          "its equivalent gradient targets full fine-tuning of W = W0 + s A B^T, "
@@ -244,12 +254,10 @@ def make_method(method: str, model_or_pairs, optimizer: torch.optim.Optimizer, *
     if unknown:
         raise ValueError(f"unknown hyper-parameter(s) {', '.join(map(repr, unknown))} for method "
                          f"{spec.name!r}; valid: {', '.join(spec.hparams) or '(none)'}")
-    pairs = find_lora_pairs(model_or_pairs)
+    pairs = resolve_trainables(model_or_pairs, method=spec.name).pairs
     if not spec.dora and uses_dora(model_or_pairs):
         raise ValueError(f"method {spec.name!r} is not available with DoRA (use_dora=True)")
     if spec.name in ("reflora", "reflora-s", "balance"):
-        from ..refactor import Refactorer
-
         return Refactorer(pairs, method=spec.name, **hparams).attach(optimizer)
     if spec.name == "scaledgd":
         return ScaledGDTransform(pairs, **hparams).attach(optimizer)
@@ -268,15 +276,19 @@ def single_step_update(method: str, A: Tensor, B: Tensor, G: Tensor, lr: float, 
 
     The gradients are those of a loss with gradient ``G`` in ``W = W0 + A B^T``:
     ``grad_A = G B``, ``grad_B = G^T A``. Inputs are not modified. Used by the consistency
-    probe: for ``reflora``, ``balance``, ``lora-rite`` and ``scaledgd`` (``damping=0``) the
-    result is the same for every factorization ``(A P, B P^{-T})`` of ``A B^T``.
+    probe: for ``reflora``, ``balance``, ``lora-rite`` (``skip=None``: its default guard zeroes
+    the step at unit-scale gradients) and ``scaledgd`` (``damping=0``) the result is the same
+    for every factorization ``(A P, B P^{-T})`` of ``A B^T``.
 
-    Shapes: A (m x r), B (n x r), G (m x n); returns (m x n) in their dtype.
+    Shapes: A (m x r), B (n x r), G (m x n), floating point (else ``TypeError``); returns
+    (m x n) in A's dtype.
     """
     for label, t in (("A", A), ("B", B), ("G", G)):
         if not isinstance(t, Tensor) or t.dim() != 2:
             raise ValueError(f"{label} must be a 2-D tensor, got "
                              f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{label} must be floating point, got {t.dtype}")
     if A.shape[1] != B.shape[1]:
         raise ValueError(f"A (m x r) and B (n x r) must share the rank; got {tuple(A.shape)} "
                          f"and {tuple(B.shape)}")

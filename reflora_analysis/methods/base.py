@@ -14,13 +14,16 @@ gradients or weights around each step". This module holds what all of them share
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
 
-from ..pairs import LoraPair, find_lora_pairs
+from ..pairs import LoraPair, NoLoraLayersError, find_lora_pairs
+from ..refactor import PairTransform
+from ..theory import symmetrize
 
 __all__ = [
     "BASE_OPTIMIZERS",
@@ -34,7 +37,14 @@ __all__ = [
     "is_peft_model",
     "uses_dora",
     "gram_pinv",
+    "check_betas",
+    "check_number",
+    "LayerStateTransform",
+    "CONV_LORA_METHODS",
 ]
+
+#: Methods that need no (A, B) pair mapping, hence also train PEFT Conv LoRA layers.
+CONV_LORA_METHODS = ("lora", "lora+")
 
 #: Base optimizers by name.
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -79,7 +89,7 @@ def _unique(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
     return out
 
 
-def resolve_trainables(model_or_pairs, pairs=None) -> Trainables:
+def resolve_trainables(model_or_pairs, pairs=None, *, method: str | None = None) -> Trainables:
     """Find the LoRA pairs and the other trainable parameters.
 
     Parameters
@@ -90,9 +100,27 @@ def resolve_trainables(model_or_pairs, pairs=None) -> Trainables:
     pairs : optional
         Explicit pairs of a plain-torch ``nn.Module`` (its other ``requires_grad`` parameters
         are trained by the base optimizer).
+    method : optional
+        The method being built. The methods of :data:`CONV_LORA_METHODS` need no pair mapping,
+        so a PEFT model whose LoRA layers cannot be mapped to (A, B) pairs (Conv LoRA) is
+        trained whole: ``pairs=[]`` and every ``requires_grad`` parameter in ``others``.
+        For the other methods such a model raises a ``ValueError`` naming the layer and the
+        methods that do support it.
     """
     if isinstance(model_or_pairs, nn.Module):
-        found = find_lora_pairs(pairs if pairs is not None else model_or_pairs)
+        try:
+            found = find_lora_pairs(pairs if pairs is not None else model_or_pairs)
+        except NoLoraLayersError:
+            raise
+        except ValueError as err:  # a PEFT LoRA layer without an (A, B) mapping, e.g. Conv2d
+            if pairs is not None or not is_peft_model(model_or_pairs):
+                raise
+            if method not in CONV_LORA_METHODS:
+                needs = f"method {method!r}" if method else "this method"
+                raise ValueError(f"{err}; {needs} needs (A, B) pairs, only methods "
+                                 f"{' and '.join(CONV_LORA_METHODS)} train such layers") from None
+            others = [p for p in _unique(model_or_pairs.parameters()) if p.requires_grad]
+            return Trainables(pairs=[], others=others, model=model_or_pairs, from_model=True)
         lora_ids = {id(p) for pair in found for p in pair.params}
         others = [p for p in _unique(model_or_pairs.parameters())
                   if p.requires_grad and id(p) not in lora_ids]
@@ -178,7 +206,7 @@ def gram_pinv(X: Tensor, damping: float = 0.0) -> Tensor:
     Eigenvalues below ``r * eps * lambda_max`` count as zero (pseudo-inverse), so a zero
     factor (PEFT's ``lora_B = 0`` start) gives a zero, never an Inf/NaN.
     """
-    X = (X + X.mT) / 2
+    X = symmetrize(X)
     if damping:
         X = X + damping * torch.eye(X.shape[-1], dtype=X.dtype, device=X.device)
     evals, evecs = torch.linalg.eigh(X)
@@ -186,3 +214,71 @@ def gram_pinv(X: Tensor, damping: float = 0.0) -> Tensor:
     inv = torch.where(evals > tol, 1.0 / torch.where(evals > tol, evals, torch.ones_like(evals)),
                       torch.zeros_like(evals))
     return (evecs * inv.unsqueeze(-2)) @ evecs.mT
+
+
+def check_number(name: str, value, *, minimum: float = 0.0, strict: bool = False,
+                 allow_none: bool = False, finite: bool = True):
+    """``value`` as a float checked against ``minimum``; a one-line error naming ``name``.
+
+    ``TypeError`` when ``value`` is not a real number (``None`` passes through when
+    ``allow_none``); ``ValueError`` when it is NaN, infinite (unless ``finite=False``), below
+    ``minimum`` or, with ``strict``, equal to it.
+    """
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "a number" + (" or None (off)" if allow_none else "")
+        raise TypeError(f"{name} must be {kind}, got {value!r} ({type(value).__name__})")
+    value = float(value)
+    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+    ok = value > minimum if strict else value >= minimum  # False for NaN
+    if not ok or (finite and math.isinf(value)):
+        raise ValueError(f"{name} must be {'finite and ' if finite else ''}{bound}"
+                         f"{' or None (off)' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def check_betas(betas, name: str = "betas") -> tuple[float, float]:
+    """``(beta1, beta2)``, each a real number in ``[0, 1)``; one-line TypeError/ValueError."""
+    if isinstance(betas, (str, bytes)) or not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"{name} must be a pair (beta1, beta2) of numbers in [0, 1), got {betas!r}")
+    out = []
+    for beta in betas:
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+            raise TypeError(f"{name} must be a pair (beta1, beta2) of numbers in [0, 1), got "
+                            f"{tuple(betas)!r}")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"{name} must lie in [0, 1), got {tuple(betas)!r}")
+        out.append(float(beta))
+    return out[0], out[1]
+
+
+class LayerStateTransform(PairTransform):
+    """A :class:`PairTransform` with its own step counter and per-layer state, saved with it.
+
+    Subclasses name where that state lives: ``state_key`` (the entry of :meth:`state_dict`),
+    ``step_attr`` / ``layers_attr`` (their attributes: an int and a list with one entry per
+    pair), ``layers_field`` (the list's name inside the entry) and ``label`` (for errors).
+    """
+
+    state_key: str = ""
+    step_attr: str = ""
+    layers_attr: str = ""
+    layers_field: str = "layers"
+    label: str = ""
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state[self.state_key] = {"step": getattr(self, self.step_attr),
+                                 self.layers_field: getattr(self, self.layers_attr)}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        own: Any = state.get(self.state_key) if isinstance(state, dict) else None
+        layers = own.get(self.layers_field) if isinstance(own, dict) else None
+        if not isinstance(layers, (list, tuple)) or len(layers) != len(self.pairs):
+            raise ValueError(f"state does not belong to a {self.label} transform with "
+                             f"{len(self.pairs)} pairs")
+        super().load_state_dict({k: v for k, v in state.items() if k != self.state_key})
+        setattr(self, self.step_attr, int(own["step"]))
+        setattr(self, self.layers_attr, list(layers))

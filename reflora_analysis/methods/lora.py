@@ -19,6 +19,10 @@ every 1-D trainable parameter, e.g. biases and DoRA magnitudes, in the fast grou
 embeddings at lr 1e-6); on plain-torch pairs :func:`loraplus_param_groups` is our version
 (fast group: paper A only; other parameters at ``lr``). ``tests/test_methods.py`` checks that
 both give the same update on LoRA factors.
+
+Neither method needs the (A, B) pair mapping, so on PEFT models with Conv LoRA layers (which
+:func:`~reflora_analysis.pairs.find_lora_pairs` cannot map) they train every ``requires_grad``
+parameter as is (LoRA+ through PEFT's helper, which groups by the ``lora_B`` name).
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ def build_loraplus(tr: Trainables, optimizer: str, lr: float, weight_decay: floa
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
         raise ValueError(f"LoRA+ ratio must be a positive number (the paper uses >= 1), got {ratio!r}")
     if tr.model is not None and is_peft_model(tr.model) and tr.from_model:
+        # peft is an optional extra (and slow to import): only PEFT models load it
         from peft.optimizers import create_loraplus_optimizer
 
         opt = create_loraplus_optimizer(tr.model, BASE_OPTIMIZERS[optimizer], lr=lr,

@@ -45,8 +45,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..refactor import PairTransform
-from .base import gram_pinv, internal_sgd_step
+from ..theory import symmetrize
+from .base import (LayerStateTransform, check_betas, check_number, gram_pinv, internal_sgd_step,
+                   make_base_optimizer)
 
 __all__ = ["sylvester_psd", "equivalent_factor_gradients", "equivalent_gradient",
            "LoraProTransform"]
@@ -59,8 +60,8 @@ def sylvester_psd(X1: Tensor, X2: Tensor, C: Tensor) -> Tensor:
 
     Entries with ``l1_i + l2_j = 0`` (both Grams singular along that pair) are set to 0.
     """
-    l1, Q1 = torch.linalg.eigh((X1 + X1.mT) / 2)
-    l2, Q2 = torch.linalg.eigh((X2 + X2.mT) / 2)
+    l1, Q1 = torch.linalg.eigh(symmetrize(X1))
+    l2, Q2 = torch.linalg.eigh(symmetrize(X2))
     denom = l1.clamp_min(0.0)[:, None] + l2.clamp_min(0.0)[None, :]
     tol = torch.finfo(denom.dtype).eps * denom.abs().max().clamp_min(torch.finfo(denom.dtype).tiny)
     ok = denom > tol
@@ -98,7 +99,7 @@ def equivalent_gradient(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor,
     return scaling * (ghat_A @ B.mT + A @ ghat_B.mT)
 
 
-class LoraProTransform(PairTransform):
+class LoraProTransform(LayerStateTransform):
     """LoRA-Pro as a step pre-hook.
 
     Parameters
@@ -108,8 +109,13 @@ class LoraProTransform(PairTransform):
         "sgd": write ``ghat`` into ``.grad`` (any base SGD). "full": full-size Adam moments of
         ``g~`` and an internal SGD outer step (see the module docstring; 2 m n state per layer).
     x_mode : "sylvester" | "zero"
-    betas, eps, weight_decay : the "full" mode's Adam settings (defaults (0.9, 0.999), 1e-8, 0).
+    betas, eps, weight_decay : the "full" mode's Adam settings (defaults (0.9, 0.999), 1e-8, 0);
+        checked in both modes (one-line ``TypeError``/``ValueError`` naming the parameter),
+        used only by "full".
     """
+
+    state_key, step_attr, layers_attr, label = "lora_pro", "pro_step", "moments", "LoRA-Pro"
+    layers_field = "moments"
 
     def __init__(self, model_or_pairs, *, mode: str = "sgd", x_mode: str = "sylvester",
                  betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0):
@@ -117,12 +123,12 @@ class LoraProTransform(PairTransform):
             raise ValueError(f"LoRA-Pro mode must be 'sgd' or 'full', got {mode!r}")
         if x_mode not in X_MODES:
             raise ValueError(f"unknown x_mode {x_mode!r}; choose one of {', '.join(X_MODES)}")
-        beta1, beta2 = (float(b) for b in betas)
-        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
+        betas = check_betas(betas, "lora-pro betas")
+        eps = check_number("lora-pro eps", eps)
+        weight_decay = check_number("lora-pro weight_decay", weight_decay)
         super().__init__(model_or_pairs)
         self.mode, self.x_mode = mode, x_mode
-        self.betas, self.eps, self.weight_decay = (beta1, beta2), float(eps), float(weight_decay)
+        self.betas, self.eps, self.weight_decay = betas, eps, weight_decay
         self.pro_step = 0
         self.moments: list[dict | None] = [None] * len(self.pairs)
 
@@ -161,30 +167,18 @@ class LoraProTransform(PairTransform):
         vhat = st["exp_avg_sq"] / (1.0 - beta2**k)
         return mhat / (vhat.sqrt() + self.eps)
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["lora_pro"] = {"step": self.pro_step, "moments": self.moments}
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        pro = state.get("lora_pro")
-        if pro is None or len(pro["moments"]) != len(self.pairs):
-            raise ValueError(f"state does not belong to a LoRA-Pro transform with {len(self.pairs)} pairs")
-        super().load_state_dict({k: v for k, v in state.items() if k != "lora_pro"})
-        self.pro_step = int(pro["step"])
-        self.moments = list(pro["moments"])
 
 
 def build_lora_pro(tr, optimizer: str, lr: float, weight_decay: float, base_kwargs: dict, *,
                    x_mode: str = "sylvester", betas=(0.9, 0.999), eps: float = 1e-8):
-    """SGD: ``ghat`` in ``.grad``; AdamW: the "full" mode with 2 m n moments per layer."""
-    from .base import make_base_optimizer
+    """SGD: ``ghat`` in ``.grad``; AdamW: the "full" mode with 2 m n moments per layer.
 
+    ``betas`` and ``eps`` are validated whatever the optimizer (the SGD mode has no moments
+    and does not use them).
+    """
+    mode = "sgd" if optimizer == "sgd" else "full"
+    transform = LoraProTransform(tr.pairs, mode=mode, x_mode=x_mode, betas=betas, eps=eps,
+                                 weight_decay=weight_decay if mode == "full" else 0.0)
     opt = make_base_optimizer(optimizer, [{"params": tr.lora_params + tr.others}], lr=lr,
                               weight_decay=weight_decay, base_kwargs=base_kwargs)
-    if optimizer == "sgd":
-        transform = LoraProTransform(tr.pairs, mode="sgd", x_mode=x_mode)
-    else:
-        transform = LoraProTransform(tr.pairs, mode="full", x_mode=x_mode, betas=betas, eps=eps,
-                                     weight_decay=weight_decay)
     return opt, transform.attach(opt)

@@ -40,14 +40,14 @@ Differences from the reference code: pseudo-inverses instead of the code's dampe
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
 from torch import Tensor
 
-from ..refactor import PairTransform
-from .base import internal_sgd_step
+from ..theory import symmetrize
+from .base import (LayerStateTransform, check_betas, check_number, internal_sgd_step,
+                   make_base_optimizer)
 
 __all__ = ["LoraRiteTransform", "rite_precondition", "bias_corrected_decay"]
 
@@ -59,10 +59,11 @@ def bias_corrected_decay(beta: float, k: int) -> float:
     return beta * (1.0 - beta**k) / (1.0 - beta ** (k + 1))
 
 
-def rite_precondition(Gbar: Tensor, V: Tensor, rho: float, eps: float) -> Tensor:
+def rite_precondition(Gbar: Tensor, V: Tensor, rho: float | Tensor, eps: float) -> Tensor:
     r"""``Sbar = Gbar E diag(1 / (sqrt(lambda + rho) + eps)) E^T`` with ``(lambda, E) = eigh(V)``.
 
-    ``Gbar`` (m x r), ``V`` (r x r) symmetric PSD. NaNs (from a degenerate ``V``) become 0.
+    ``Gbar`` (m x r), ``V`` (r x r) symmetric PSD, ``rho`` a float or 0-dim tensor. NaNs (from a
+    degenerate ``V``) become 0.
     """
     evals, evecs = torch.linalg.eigh(V)
     scale = 1.0 / ((evals.clamp_min(0.0) + rho).sqrt() + eps)
@@ -74,11 +75,7 @@ def _rms(X: Tensor) -> Tensor:
     return X.square().mean().sqrt()
 
 
-def _sym(X: Tensor) -> Tensor:
-    return (X + X.mT) / 2
-
-
-class LoraRiteTransform(PairTransform):
+class LoraRiteTransform(LayerStateTransform):
     """LoRA-RITE as a step pre-hook (see the module docstring for the algorithm).
 
     Parameters
@@ -89,7 +86,9 @@ class LoraRiteTransform(PairTransform):
     clip : float or None
         Global clip threshold of the unmagnified gradients (default 1.0; None: off).
     skip : float or None
-        Per-factor RMS threshold above which the step of that factor is skipped (default 1.0).
+        Per-factor RMS threshold above which the step of that factor is skipped (default 1.0,
+        the reference value, tuned for LLM-scale gradients: generic unit-scale points trip it,
+        so invariance checks pass None).
     cap : float
         Update capping threshold on RMS(M) (default 0: off).
     escaped_mass : bool
@@ -99,59 +98,92 @@ class LoraRiteTransform(PairTransform):
     outer_step : "grad" | "internal"
         ``"grad"``: write the direction into ``.grad`` for a plain-SGD base optimizer;
         ``"internal"``: step the LoRA factors here and clear their ``.grad`` (any base optimizer).
+
+    Bad hyper-parameters raise a one-line ``TypeError`` (not a number / not a pair) or
+    ``ValueError`` (out of range) naming the parameter.
+
+    The guards are evaluated on the device: the only host synchronisation is one boolean per
+    step ("was any factor skipped?") until the skip warning has been shown, none afterwards.
     """
+
+    state_key, step_attr, layers_attr, label = "lora_rite", "rite_step", "rite_state", "LoRA-RITE"
 
     def __init__(self, model_or_pairs, *, betas=(0.9, 0.999), eps: float = 1e-6,
                  clip: float | None = 1.0, skip: float | None = 1.0, cap: float = 0.0,
                  escaped_mass: bool = False, weight_decay: float = 0.0, outer_step: str = "grad"):
-        beta1, beta2 = (float(b) for b in betas)
-        if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-            raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
-        if not eps >= 0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        for label, value in (("clip", clip), ("skip", skip)):
-            if value is not None and not value > 0:
-                raise ValueError(f"{label} must be positive or None (off), got {value}")
-        if not cap >= 0:
-            raise ValueError(f"cap must be >= 0 (0: off), got {cap}")
+        betas = check_betas(betas, "lora-rite betas")
+        eps = check_number("lora-rite eps", eps)
+        clip = check_number("lora-rite clip", clip, strict=True, allow_none=True, finite=False)
+        skip = check_number("lora-rite skip", skip, strict=True, allow_none=True, finite=False)
+        cap = check_number("lora-rite cap (0: off)", cap)
+        weight_decay = check_number("lora-rite weight_decay", weight_decay)
+        if not isinstance(escaped_mass, bool):
+            raise TypeError(f"lora-rite escaped_mass must be True or False, got {escaped_mass!r}")
         if outer_step not in ("grad", "internal"):
             raise ValueError(f"outer_step must be 'grad' or 'internal', got {outer_step!r}")
         super().__init__(model_or_pairs)
-        self.betas = (beta1, beta2)
-        self.eps, self.clip, self.skip, self.cap = float(eps), clip, skip, float(cap)
-        self.escaped_mass = bool(escaped_mass)
-        self.weight_decay = float(weight_decay)
+        self.betas = betas
+        self.eps, self.clip, self.skip, self.cap = eps, clip, skip, cap
+        self.escaped_mass = escaped_mass
+        self.weight_decay = weight_decay
         self.outer_step = outer_step
         self.rite_step = 0
-        self.skipped = 0  # factor updates dropped by the skip guard
+        self._skipped_total: Tensor | int = 0  # on the device; read through .skipped
+        self._skip_warned = False
         self.rite_state: list[dict | None] = [None] * len(self.pairs)
+
+    @property
+    def skipped(self) -> int:
+        """Factor updates dropped by the skip guard so far (reading it synchronises)."""
+        return int(self._skipped_total)
 
     # -- pieces kept separate so tests can check them (e.g. V = I reduces to ScaledGD) --
     def _second_moment(self, V_old: Tensor, P: Tensor, Gbar: Tensor, beta2_hat: float) -> Tensor:
         """Step 5: the transported, bias-corrected r x r second moment."""
-        return _sym(beta2_hat * P @ V_old @ P.mT
-                    + (1.0 - beta2_hat) * Gbar.mT @ Gbar / Gbar.shape[0])
+        return symmetrize(beta2_hat * P @ V_old @ P.mT
+                          + (1.0 - beta2_hat) * Gbar.mT @ Gbar / Gbar.shape[0])
 
     @staticmethod
-    def _escaped(V_old: Tensor, P: Tensor) -> float:
-        """Step 6: the mass of V_old lost by the basis change."""
-        moved = _sym(P @ V_old @ P.mT)
-        by_eig = (torch.linalg.eigvalsh(_sym(V_old)) - torch.linalg.eigvalsh(moved)).max()
+    def _escaped(V_old: Tensor, P: Tensor) -> Tensor:
+        """Step 6: the mass of V_old lost by the basis change (0-dim, on the device)."""
+        moved = symmetrize(P @ V_old @ P.mT)
+        by_eig = (torch.linalg.eigvalsh(symmetrize(V_old)) - torch.linalg.eigvalsh(moved)).max()
         by_trace = torch.trace(V_old) - torch.trace(moved)
-        return float(min(by_eig.clamp_min(0.0), by_trace.clamp_min(0.0)))
+        return torch.minimum(by_eig.clamp_min(0.0), by_trace.clamp_min(0.0))
 
-    def _skip_guard(self, Gbar: Tensor, layer: str, factor: str) -> Tensor:
-        """Step 3: zero ``Gbar`` when its RMS exceeds ``skip``; counted and warned once."""
-        rms = float(_rms(Gbar))
-        if rms <= self.skip:
-            return Gbar
-        self.skipped += 1
-        if self.skipped == 1:
-            warnings.warn(f"lora-rite: update of factor {factor} in layer '{layer}' skipped at step "
-                          f"{self.rite_step}: RMS of its unmagnified gradient {rms:.3g} > skip="
-                          f"{self.skip} (the reference code's guard, tuned for LLM-scale "
-                          "gradients); pass skip=None to disable. Shown once.", stacklevel=4)
-        return torch.zeros_like(Gbar)
+    def _skip_guard(self, Gbar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Step 3: ``(Gbar or 0 when RMS(Gbar) > skip, the 0-dim skipped flag, the RMS)``.
+
+        Decided on the device (``torch.where``); a NaN RMS counts as skipped, as before.
+        """
+        rms = _rms(Gbar)
+        skipped = ~(rms <= self.skip)
+        return torch.where(skipped, torch.zeros_like(Gbar), Gbar), skipped, rms
+
+    def _record_skips(self, checks: list[tuple[str, str, Tensor, Tensor]]) -> None:
+        """Count this step's skipped factors; warn (once) naming the first one.
+
+        ``checks``: ``(layer, factor, skipped flag, rms)``. The count stays on the device; the
+        one ``bool`` below is the only synchronisation, and only until the warning is shown.
+        """
+        device = checks[0][2].device
+        count = torch.stack([flag.to(device) for _, _, flag, _ in checks]).sum()
+        self._skipped_total = self._skipped_total + count
+        if self._skip_warned or not bool(count):
+            return
+        self._skip_warned = True
+        layer, factor, _, rms = next(c for c in checks if bool(c[2]))
+        warnings.warn(f"lora-rite: update of factor {factor} in layer '{layer}' skipped at step "
+                      f"{self.rite_step}: RMS of its unmagnified gradient {float(rms):.3g} > skip="
+                      f"{self.skip} (the reference code's guard, tuned for LLM-scale "
+                      "gradients); pass skip=None to disable. Shown once.", stacklevel=4)
+
+    def _clip_scale(self, work: list) -> Tensor:
+        """Step 3: ``min(1, clip / c)``, ``c = sqrt(sum ||Gbar||_F^2)`` over every layer (float64, on the device)."""
+        device = work[0][6].device
+        total = sum((w[6].square().sum() + w[7].square().sum()).to(device, torch.float64)
+                    for w in work).sqrt()
+        return torch.where(total > self.clip, self.clip / total, torch.ones_like(total))
 
     def _fresh_state(self, m: int, n: int, r: int, dtype, device) -> dict:
         z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
@@ -163,7 +195,7 @@ class LoraRiteTransform(PairTransform):
         beta1, beta2 = self.betas
         b1h = bias_corrected_decay(beta1, self.rite_step)
         b2h = bias_corrected_decay(beta2, self.rite_step)
-        work = []
+        work, skip_checks = [], []
         for i, pair in enumerate(self.pairs):
             if pair.grad_A is None or pair.grad_B is None:
                 continue
@@ -175,14 +207,17 @@ class LoraRiteTransform(PairTransform):
             Gbar_A = pair.grad_A.to(dtype) @ R_B_pinv
             Gbar_B = pair.grad_B.to(dtype) @ R_A_pinv
             if self.skip is not None:
-                Gbar_A = self._skip_guard(Gbar_A, pair.name, "A")
-                Gbar_B = self._skip_guard(Gbar_B, pair.name, "B")
+                Gbar_A, skipped_A, rms_A = self._skip_guard(Gbar_A)
+                Gbar_B, skipped_B, rms_B = self._skip_guard(Gbar_B)
+                skip_checks += [(pair.name, "A", skipped_A, rms_A),
+                                (pair.name, "B", skipped_B, rms_B)]
             work.append((i, pair, U_A, U_B, R_A_pinv, R_B_pinv, Gbar_A, Gbar_B))
+        if skip_checks:
+            self._record_skips(skip_checks)
         if self.clip is not None and work:
-            total = math.sqrt(sum(float(w[6].square().sum() + w[7].square().sum()) for w in work))
-            if total > self.clip:
-                factor = self.clip / total
-                work = [(*w[:6], w[6] * factor, w[7] * factor) for w in work]
+            scale = self._clip_scale(work)
+            work = [(*w[:6], w[6] * scale.to(w[6].device), w[7] * scale.to(w[7].device))
+                    for w in work]
         for i, pair, U_A, U_B, R_A_pinv, R_B_pinv, Gbar_A, Gbar_B in work:
             m, n = pair.shape
             st = self.rite_state[i]
@@ -201,8 +236,9 @@ class LoraRiteTransform(PairTransform):
                 Sbar = rite_precondition(Gbar, V, rho, self.eps)
                 M = b1h * st["M_" + side] @ P.mT + (1.0 - b1h) * Sbar
                 if self.cap > 0:
-                    M = M / max(1.0, float(_rms(M)) / self.cap)
-                new.update({"V_" + side: V, "M_" + side: M, "rho_" + side: float(rho)})
+                    excess = _rms(M) / self.cap  # where(): a NaN RMS leaves M as is
+                    M = M / torch.where(excess > 1.0, excess, torch.ones_like(excess))
+                new.update({"V_" + side: V, "M_" + side: M, "rho_" + side: rho})
                 directions[side] = M @ R_other_pinv.mT
             self.rite_state[i] = new
             self._apply(optimizer, pair, directions["A"], directions["B"])
@@ -217,36 +253,25 @@ class LoraRiteTransform(PairTransform):
         internal_sgd_step(optimizer, pair.b, D_B.mT if pair.b_transposed else D_B,
                           self.weight_decay)
 
-    def state_dict(self) -> dict:
-        state = super().state_dict()
-        state["lora_rite"] = {"step": self.rite_step, "layers": self.rite_state}
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        rite = state.get("lora_rite")
-        if rite is None or len(rite["layers"]) != len(self.pairs):
-            raise ValueError("state does not belong to a LoRA-RITE transform with "
-                             f"{len(self.pairs)} pairs")
-        super().load_state_dict({k: v for k, v in state.items() if k != "lora_rite"})
-        self.rite_step = int(rite["step"])
-        self.rite_state = list(rite["layers"])
 
 
 def build_lora_rite(tr, optimizer: str, lr: float, weight_decay: float, base_kwargs: dict,
                     **hparams):
-    """SGD: direction in ``.grad``, plain SGD steps; AdamW: internal SGD step for LoRA factors."""
-    from .base import make_base_optimizer
+    """SGD: direction in ``.grad``, plain SGD steps; AdamW: internal SGD step for LoRA factors.
 
+    The transform is built first, so its hyper-parameters are checked (with messages naming
+    lora-rite) before the base optimizer sees the shared ``betas``/``eps``.
+    """
     if optimizer == "sgd":
         if base_kwargs.get("momentum", 0.0):
             raise ValueError("lora-rite keeps its own first moment; its outer SGD step must have "
                              "momentum=0")
+        transform = LoraRiteTransform(tr.pairs, outer_step="grad", **hparams)
         groups = [{"params": tr.lora_params}, {"params": tr.others}]
-        opt = make_base_optimizer(optimizer, groups, lr=lr, weight_decay=weight_decay,
-                                  base_kwargs=base_kwargs)
-        return opt, LoraRiteTransform(tr.pairs, outer_step="grad", **hparams).attach(opt)
-    opt = make_base_optimizer(optimizer, [{"params": tr.lora_params + tr.others}], lr=lr,
-                              weight_decay=weight_decay, base_kwargs=base_kwargs)
-    transform = LoraRiteTransform(tr.pairs, outer_step="internal", weight_decay=weight_decay,
-                                  **hparams)
+    else:
+        transform = LoraRiteTransform(tr.pairs, outer_step="internal", weight_decay=weight_decay,
+                                      **hparams)
+        groups = [{"params": tr.lora_params + tr.others}]
+    opt = make_base_optimizer(optimizer, groups, lr=lr, weight_decay=weight_decay,
+                              base_kwargs=base_kwargs)
     return opt, transform.attach(opt)

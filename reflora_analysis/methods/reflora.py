@@ -66,7 +66,7 @@ def create_reflora_optimizer(model, optimizer_cls: type[torch.optim.Optimizer], 
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be an nn.Module (a PEFT model), got {type(model).__name__}")
     lr = check_lr(lr)
-    tr = resolve_trainables(model)
+    tr = resolve_trainables(model, method=method)
     optimizer = optimizer_cls(tr.lora_params + tr.others, lr=lr, **kwargs)
     optimizer.reflora_transform = Refactorer(model, method=method, warmup_steps=warmup_steps,
                                              interval=interval, damping=damping).attach(optimizer)

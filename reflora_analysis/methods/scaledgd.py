@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 
 from ..refactor import PairTransform
-from .base import gram_pinv
+from .base import (BASE_OPTIMIZERS, check_number, gram_pinv, is_peft_model,
+                   make_base_optimizer)
 
 __all__ = ["DEFAULT_DAMPING", "scaled_gradients", "ScaledGDTransform"]
 
@@ -66,10 +67,9 @@ class ScaledGDTransform(PairTransform):
     """
 
     def __init__(self, model_or_pairs, *, damping: float = DEFAULT_DAMPING):
-        if not damping >= 0:
-            raise ValueError(f"damping must be >= 0, got {damping}")
+        damping = check_number("scaledgd damping", damping)
         super().__init__(model_or_pairs)
-        self.damping = float(damping)
+        self.damping = damping
 
     @torch.no_grad()
     def pre_step(self, optimizer) -> None:
@@ -89,11 +89,10 @@ def build_scaledgd(tr, optimizer: str, lr: float, weight_decay: float, base_kwar
     Note that PEFT's helper preconditions Linear LoRA layers only (embedding LoRA is left
     plain), while :class:`ScaledGDTransform` covers every pair of ``find_lora_pairs``.
     """
-    from .base import BASE_OPTIMIZERS, is_peft_model, make_base_optimizer
-
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
         raise ValueError(f"scaledgd damping must be a number >= 0, got {damping!r}")
     if tr.model is not None and tr.from_model and is_peft_model(tr.model):
+        # peft is an optional extra (and slow to import): only PEFT models load it
         from peft.optimizers import create_riemannian_optimizer
 
         opt = create_riemannian_optimizer(tr.model, BASE_OPTIMIZERS[optimizer], lr=lr,

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ._util import gradient_in_W, preserved_state
+from ._util import gradient_in_W, loss_and_grad_in_W, preserved_state, step_method
 from .balance import balance_stats, layer_balance
 from .bounds import (bound_line_scan, bound_probe_values, bound_step, estimate_smoothness,
                      preconditioner_for)
@@ -43,6 +43,7 @@ __all__ = [
     "consistency_table", "random_gl", "top_hessian_eigenvalue", "lanczos_top_eigenvalues",
     "hessian_trace", "eigenvalue_density", "bound_step", "bound_line_scan", "estimate_smoothness",
     "preconditioner_for", "loss_landscape", "FlatSliceWarning", "gradient_in_W",
+    "loss_and_grad_in_W", "step_method",
 ]
 
 
@@ -51,7 +52,12 @@ class ProbeContext:
     """What a probe sees at one training step.
 
     ``batch`` may be ``None``: the probe then uses ``task.batch(step)``. ``hparams`` are the
-    method's hyper-parameters (passed to ``methods.single_step_update``).
+    run's hyper-parameters; the probes that simulate one step of the method (consistency,
+    bound) pass the method's own ones to ``methods.single_step_update``, without the schedule
+    (``warmup_steps``, ``interval``). ``active`` says whether the method's transform acts on
+    the coming optimizer step (``transform.is_active()``; ``train.run`` sets it): when it does
+    not (warm-up, between ``interval`` steps) the step is plain LoRA's, and those probes
+    simulate ``lora`` and report ``<probe>/method_active = 0``.
     """
 
     task: Any
@@ -61,6 +67,11 @@ class ProbeContext:
     step: int
     batch: Any = None
     hparams: dict = field(default_factory=dict)
+    active: bool = True
+
+    def step_method(self) -> tuple[str, dict]:
+        """``(method, hparams)`` of the SGD step taken now (``"lora"`` when not active)."""
+        return step_method(self.method, self.hparams, self.active)
 
     def loss_closure(self):
         batch = self.batch if self.batch is not None else self.task.batch(self.step)
@@ -115,9 +126,11 @@ class BalanceProbe(Probe):
 
 
 class ConsistencyProbe(Probe):
-    r"""``consistency/score``: max over layers of :func:`consistency_score` of the run's method
-    at the current factors with the current gradient in W (``task.loss_in_W`` for
-    single-layer tasks, else :func:`gradient_in_W`), and ``consistency/score_mean``.
+    r"""``consistency/score``: max over layers of :func:`consistency_score` of the step the run
+    takes now (the method's, or ``lora`` while its transform is inactive: see
+    ``consistency/method_active`` and :class:`ProbeContext`) at the current factors with the
+    current gradient in W (``task.loss_in_W`` for single-layer tasks, else
+    :func:`gradient_in_W`), and ``consistency/score_mean``.
     NaN where the method's update is zero. ``consistency/degenerate_layers`` counts layers with
     a (numerically) rank-deficient factor, e.g. the B = 0 start: there every factorization
     ``(A P, B P^{-T})`` still has a singular Gram, S* exists only through damping, and the
@@ -130,60 +143,75 @@ class ConsistencyProbe(Probe):
 
     def measure(self, ctx):
         task = ctx.task
+        method, hparams = ctx.step_method()
         pairs = list(task.pairs)[: self.max_layers]
         if getattr(task, "loss_in_W", None) is not None and len(task.pairs) == 1:
             pr = pairs[0]
-            W0 = task.W0 if task.W0 is not None else torch.zeros(pr.shape, dtype=pr.A.dtype)
-            W = (W0 + pr.scaling * pr.A @ pr.B.T).detach().requires_grad_(True)
-            with torch.enable_grad():
-                (G,) = torch.autograd.grad(task.loss_in_W(W), W)
+            W0 = task.W0 if task.W0 is not None else torch.zeros(pr.shape, dtype=pr.A.dtype,
+                                                                  device=pr.A.device)
+            _, G = loss_and_grad_in_W(task.loss_in_W, W0 + pr.scaling * pr.A @ pr.B.T)
             G_list = [pr.scaling * G]
         else:
             G_list = gradient_in_W(task.model, ctx.loss_closure(), pairs)
         scores = []
         for pr, G in zip(pairs, G_list):
             try:
-                scores.append(consistency_score(ctx.method, pr.A.detach(), pr.B.detach(),
+                scores.append(consistency_score(method, pr.A.detach(), pr.B.detach(),
                                                 lambda W, G=G: G, n_reparam=self.n_reparam,
-                                                seed=self.seed, lr=ctx.lr, **ctx.hparams))
+                                                seed=self.seed, lr=ctx.lr, **hparams))
             except ValueError as exc:
                 if "zero update" not in str(exc):
                     raise
                 scores.append(math.nan)
         finite = [s for s in scores if not math.isnan(s)]
-        eps = torch.finfo(torch.float64).eps
 
         def deficient(X):
+            # relative to the precision the factor is stored in
+            eps = torch.finfo(X.dtype).eps
             sv = torch.linalg.svdvals(X.detach().to(torch.float64))
-            return bool(sv[-1] <= sv.shape[0] * eps * max(float(sv[0]), 1e-300) ** 1 or sv[0] == 0)
+            return bool(sv[0] == 0 or sv[-1] <= sv.shape[0] * eps * float(sv[0]))
         degenerate = sum(deficient(pr.A) or deficient(pr.B) for pr in pairs)
         return {"consistency/degenerate_layers": float(degenerate),
+                "consistency/method_active": float(ctx.active),
                 "consistency/score": max(finite) if finite else math.nan,
                 "consistency/score_mean": sum(finite) / len(finite) if finite else math.nan}
 
 
 class SharpnessProbe(Probe):
     """``sharpness/lambda_max`` (Lanczos), ``residual``, ``converged``, ``trace`` and
-    ``trace_se`` (Hutch++, ``trace_samples`` HVPs; 0 skips it), ``hvps``."""
+    ``trace_se`` (Hutch++, ``trace_samples`` HVPs; 0 skips it), ``hvps``.
+
+    The Hessian is taken w.r.t. the LoRA factors of ``task.pairs`` (``THEORY.md`` section 5);
+    ``include_head=True`` takes every trainable parameter instead (e.g. a classifier head
+    trained beside LoRA).
+    """
 
     name = "sharpness"
 
     def __init__(self, tol: float = 1e-3, max_iter: int | None = None, trace_samples: int = 30,
-                 seed: int = 0, method: str = "lanczos"):
+                 seed: int = 0, method: str = "lanczos", include_head: bool = False):
         self.tol, self.max_iter, self.trace_samples = tol, max_iter, trace_samples
-        self.seed, self.method = seed, method
+        self.seed, self.method, self.include_head = seed, method, include_head
+
+    def parameters(self, task) -> list | None:
+        """The variables of the Hessian: the LoRA factors, or ``None`` (every trainable one)."""
+        pairs = getattr(task, "pairs", None)
+        if self.include_head or not pairs:
+            return None
+        return [t for p in pairs for t in p.params]
 
     def measure(self, ctx):
         closure = ctx.loss_closure()
+        params = self.parameters(ctx.task)
         value, info = top_hessian_eigenvalue(ctx.task.model, closure, method=self.method,
                                              tol=self.tol, max_iter=self.max_iter,
-                                             return_info=True, seed=self.seed)
+                                             return_info=True, seed=self.seed, params=params)
         out = {"sharpness/lambda_max": value, "sharpness/residual": info["residual"],
                "sharpness/converged": float(info["converged"])}
         hvps = info["hvps"]
         if self.trace_samples:
             tr, se, tinfo = hessian_trace(ctx.task.model, closure, n_samples=self.trace_samples,
-                                          seed=self.seed, return_info=True)
+                                          seed=self.seed, return_info=True, params=params)
             out.update({"sharpness/trace": tr, "sharpness/trace_se": se})
             hvps += tinfo["hvps"]
         out["sharpness/hvps"] = hvps
@@ -192,15 +220,18 @@ class SharpnessProbe(Probe):
 
 class BoundProbe(Probe):
     """F8 at the current iterate of a single-layer task: ``bound/loss``, ``next_loss``
-    (after one SGD step of the method at ``ctx.lr``), ``U_exact``, ``U_relaxed`` (NaN outside
-    lora / reflora / reflora-s), ``slack_exact``, ``L``, ``L_estimated``, ``hvps``. The bound
-    concerns the method's SGD step whatever ``ctx.optimizer`` is."""
+    (after one SGD step at ``ctx.lr`` of the method, or of ``lora`` while its transform is
+    inactive: ``bound/method_active``), ``U_exact``, ``U_relaxed`` (NaN outside lora /
+    reflora / reflora-s / balance), ``slack_exact``, ``L``, ``L_estimated``, ``hvps``. The
+    bound concerns the method's SGD step whatever ``ctx.optimizer`` is."""
 
     name = "bound"
 
     def measure(self, ctx):
-        out = bound_probe_values(ctx.task, ctx.method, ctx.lr, **ctx.hparams)
+        method, hparams = ctx.step_method()
+        out = bound_probe_values(ctx.task, method, ctx.lr, **hparams)
         out.pop("bound/seconds", None)
+        out["bound/method_active"] = float(ctx.active)
         return out
 
 

@@ -199,3 +199,48 @@ def gradient_in_W(model: nn.Module | None, loss_closure: LossClosure, pairs,
                 raise ValueError(f"the loss does not depend on LoRA pair {p.name}")
             out.append(g[:, r:].detach().clone())
     return out
+
+
+#: Hyper-parameters that describe a transform's *schedule* (which optimizer steps it acts on),
+#: not the step itself; a probe that simulates one step gets the schedule through
+#: ``ProbeContext.active`` instead.
+SCHEDULE_HPARAMS = ("warmup_steps", "interval")
+
+
+def canonical_method(method) -> str:
+    """The registry name of ``method`` (``" LoRA "`` -> ``"lora"``); ``ValueError`` if unknown."""
+    from ..methods import available_methods
+
+    valid = available_methods()
+    name = method.strip().lower() if isinstance(method, str) else None
+    if name not in valid:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(valid)}")
+    return name
+
+
+def step_method(method, hparams: dict | None = None, active: bool = True) -> tuple[str, dict]:
+    """``(method, hparams)`` of the one SGD step a probe simulates at a training step.
+
+    During a transform's warm-up or between its ``interval`` steps (``active=False``) the
+    optimizer takes a plain LoRA step, so the step is ``("lora", {})``. Otherwise the method's
+    own hyper-parameters are kept (``methods.METHODS[name].hparams``) without the schedule
+    ones (:data:`SCHEDULE_HPARAMS`) and without the base optimizer's keywords (``momentum``,
+    ``betas`` of AdamW...): the probes simulate one SGD step of the method.
+    """
+    from ..methods import METHODS
+
+    name = canonical_method(method)
+    if not active:
+        return "lora", {}
+    own = METHODS[name].hparams
+    return name, {k: v for k, v in (hparams or {}).items()
+                  if k in own and k not in SCHEDULE_HPARAMS}
+
+
+def loss_and_grad_in_W(loss_fn_W: Callable[[Tensor], Tensor], W: Tensor) -> tuple[float, Tensor]:
+    """``(l(W), dl/dW)`` for a loss given as a function of the full weight ``W`` (m x n)."""
+    Wv = W.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn_W(Wv)
+        (G,) = torch.autograd.grad(loss, Wv)
+    return float(loss.detach()), G.detach()

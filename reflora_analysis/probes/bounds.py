@@ -6,9 +6,11 @@ preconditioned step ``dW(S)`` (F2),
     l(M + dW(S)) <= U_exact(S) = l(M) + <G, dW(S)> + (L/2) ||dW(S)||_F^2 <= U_relaxed(S),
 
 computed by :func:`reflora_analysis.theory.upper_bounds`. LoRA is ``S = I``, RefLoRA
-``S = S*`` (F3), RefLoRA-S ``S = s* I`` (F7). Any other method's one SGD step ``dW``
-(``methods.single_step_update``) is checked against the descent lemma itself,
-``l(M + dW) <= l(M) + <G, dW> + (L/2) ||dW||^2``; ``U_relaxed`` is defined only for the
+``S = S*`` (F3), RefLoRA-S ``S = s* I`` (F7), and ``balance``, whose SGD step equals
+RefLoRA's (``BASELINES.md`` section 5), ``S = S*``. The step ``dW`` itself is always the
+method's own (``methods.single_step_update``; for the ``S``-family it equals ``dW(S)``), so
+``next_loss`` is the loss the optimizer reaches, and ``U_exact`` is the descent lemma
+``l(M) + <G, dW> + (L/2) ||dW||^2`` for it; ``U_relaxed`` is defined only for the
 ``S``-family and is reported as NaN for the others.
 
 With a LoRA scaling ``s`` (``W = W0 + s A B^T``), everything is expressed for
@@ -31,33 +33,38 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..theory import optimal_preconditioner, scalar_preconditioner, upper_bounds
+from ..theory import optimal_preconditioner, scalar_preconditioner, upper_bounds, weight_update
+from ._util import canonical_method, loss_and_grad_in_W
 from .consistency import step_update
 from .sharpness import lanczos_top_eigenvalues
 
 __all__ = ["preconditioner_for", "estimate_smoothness", "bound_step", "bound_line_scan"]
 
-S_FAMILY = ("lora", "reflora", "reflora-s")
+#: Methods whose one SGD step is the preconditioned step ``dW(S)`` of F1/F2. ``balance`` is in
+#: it because its SGD step equals RefLoRA's (``BASELINES.md`` section 5: projecting onto the
+#: balanced factorization before the step is F4/F5's refactoring with ``P P^T = S*``).
+S_FAMILY = ("lora", "reflora", "reflora-s", "balance")
 
 
-def preconditioner_for(method: str, A: Tensor, B: Tensor) -> Tensor | None:
-    """``S`` of the method in F1 (I, S*, s* I), or ``None`` for methods outside that family."""
+def preconditioner_for(method: str, A: Tensor, B: Tensor, damping: float = 0.0) -> Tensor | None:
+    """``S`` of the method in F1, or ``None`` for methods outside :data:`S_FAMILY`.
+
+    ``lora``: ``I``; ``reflora``: ``S*`` (F3) of the relatively damped Grams (``damping``, as
+    :class:`~reflora_analysis.refactor.Refactorer` uses it); ``balance``: the undamped ``S*``
+    (the balanced projection takes no damping); ``reflora-s``: ``s* I`` (F7). ``method`` is
+    normalised (``"LoRA"`` -> ``"lora"``); an unknown name is a ``ValueError``.
+    """
+    method = canonical_method(method)
     eye = torch.eye(A.shape[1], dtype=A.dtype, device=A.device)
     if method == "lora":
         return eye
     if method == "reflora":
+        return optimal_preconditioner(A, B, damping=damping)
+    if method == "balance":
         return optimal_preconditioner(A, B)
     if method == "reflora-s":
         return scalar_preconditioner(A, B) * eye
     return None
-
-
-def _grad_W(loss_fn_W: Callable[[Tensor], Tensor], W: Tensor) -> tuple[float, Tensor]:
-    Wv = W.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        loss = loss_fn_W(Wv)
-        (G,) = torch.autograd.grad(loss, Wv)
-    return float(loss.detach()), G.detach()
 
 
 def estimate_smoothness(loss_fn_W: Callable[[Tensor], Tensor], W: Tensor, *, tol: float = 1e-3,
@@ -92,22 +99,18 @@ def bound_step(method: str, A: Tensor, B: Tensor, loss_fn_W: Callable[[Tensor], 
     ``next_loss = l(W + scaling dW)``, ``U_exact``, ``U_relaxed`` (NaN outside the S-family)
     and ``update_norm = ||dW||_F``.
     """
+    method = canonical_method(method)
     A, B = A.detach(), B.detach()
     W0 = torch.zeros(A.shape[0], B.shape[0], dtype=A.dtype, device=A.device) if W0 is None else W0
     W = W0 + scaling * (A @ B.T)
-    loss, G_W = _grad_W(loss_fn_W, W)
+    loss, G_W = loss_and_grad_in_W(loss_fn_W, W)
     G = scaling * G_W
     L_eff = scaling**2 * L
-    S = preconditioner_for(method, A, B)
-    if S is not None:
-        from ..theory import weight_update
-        dW = weight_update(A, B, G, lr, S)
-        U_exact, U_relaxed = upper_bounds(A, B, G, loss, lr, L_eff, S)
-        U_exact, U_relaxed = float(U_exact), float(U_relaxed)
-    else:
-        dW = step_update(method, A, B, G, lr, **hparams)
-        U_exact = loss + float((G * dW).sum()) + 0.5 * L_eff * float(dW.square().sum())
-        U_relaxed = math.nan
+    # the method's actual step; for the S-family it equals weight_update(A, B, G, lr, S) (F2)
+    dW = step_update(method, A, B, G, lr, **hparams)
+    U_exact = loss + float((G * dW).sum()) + 0.5 * L_eff * float(dW.square().sum())
+    S = preconditioner_for(method, A, B, damping=float(hparams.get("damping", 0.0)))
+    U_relaxed = math.nan if S is None else float(upper_bounds(A, B, G, loss, lr, L_eff, S)[1])
     with torch.no_grad():
         next_loss = float(loss_fn_W(W + scaling * dW))
     return {"loss": loss, "next_loss": next_loss, "U_exact": U_exact, "U_relaxed": U_relaxed,
@@ -137,7 +140,6 @@ def bound_line_scan(A: Tensor, B: Tensor, G: Tensor, loss_fn_W: Callable[[Tensor
     W = W0 + A @ B.T
     with torch.no_grad():
         loss0 = float(loss_fn_W(W))
-    from ..theory import weight_update
     out: dict = {"eta": etas, "loss0": loss0}
     for tag, S in (("lora", torch.eye(A.shape[1], dtype=A.dtype, device=A.device)),
                    ("reflora", optimal_preconditioner(A, B))):

@@ -22,7 +22,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..theory import optimal_preconditioner, scalar_preconditioner, weight_update
+from ..methods import METHOD_INFO, available_methods, single_step_update
+from ._util import SCHEDULE_HPARAMS, canonical_method
 
 __all__ = ["random_gl", "consistency_score", "consistency_table", "step_update"]
 
@@ -40,34 +41,19 @@ def random_gl(r: int, *, generator: torch.Generator, dtype=torch.float64,
     return ((haar() * log_d.exp().unsqueeze(0)) @ haar().T).to(dtype)
 
 
-def _theory_update(method: str, A: Tensor, B: Tensor, G: Tensor, lr: float) -> Tensor:
-    """Fallback for when :mod:`reflora_analysis.methods` lacks ``single_step_update``:
-    plain LoRA (``S = I``), RefLoRA (``S = S*``) and RefLoRA-S (``S = s* I``) from F2."""
-    r = A.shape[-1]
-    eye = torch.eye(r, dtype=A.dtype, device=A.device)
-    if method == "lora":
-        S = eye
-    elif method == "reflora":
-        S = optimal_preconditioner(A, B)
-    elif method == "reflora-s":
-        S = scalar_preconditioner(A, B) * eye
-    else:
-        raise ValueError(f"method {method!r} needs reflora_analysis.methods.single_step_update, "
-                         "which is not available; built-in fallback knows lora, reflora, reflora-s")
-    return weight_update(A, B, G, lr, S)
-
-
 def step_update(method: str, A: Tensor, B: Tensor, G: Tensor, lr: float, **hparams) -> Tensor:
-    """``dW`` of one SGD step of ``method`` on the pair, via ``methods.single_step_update``.
+    """``dW`` of one SGD step of ``method`` on the pair (``methods.single_step_update``).
 
-    Falls back to the closed form F2 for lora / reflora / reflora-s when the methods registry
-    is not importable (e.g. while it is being written).
+    ``method`` is normalised (``"LoRA"`` -> ``"lora"``). The schedule hyper-parameters
+    ``warmup_steps`` / ``interval`` are refused: one step from fresh factors has no schedule
+    (a fresh transform would be in its warm-up and take plain LoRA's step); pass the method the
+    step actually is instead (``probes._util.step_method``).
     """
-    try:
-        from ..methods import single_step_update
-    except ImportError:
-        return _theory_update(method, A, B, G, lr)
-    return single_step_update(method, A, B, G, lr, **hparams)
+    schedule = sorted(k for k in hparams if k in SCHEDULE_HPARAMS)
+    if schedule:
+        raise ValueError(f"{', '.join(schedule)} describe a training schedule, not one step; "
+                         "pass the method the step is ('lora' during warm-up) without them")
+    return single_step_update(canonical_method(method), A, B, G, lr, **hparams)
 
 
 def consistency_score(method: str, A: Tensor, B: Tensor, grad_fn: Callable[[Tensor], Tensor],
@@ -99,6 +85,7 @@ def consistency_score(method: str, A: Tensor, B: Tensor, grad_fn: Callable[[Tens
         raise ValueError(f"n_reparam must be a positive integer, got {n_reparam!r}")
     if not callable(grad_fn):
         raise TypeError(f"grad_fn must be callable W -> dL/dW, got {type(grad_fn).__name__}")
+    method = canonical_method(method)
     A, B = A.detach(), B.detach()
     gen = torch.Generator().manual_seed(int(seed))
 
@@ -136,12 +123,7 @@ def consistency_table(methods: Sequence[str] | None = None, *, m: int = 30, n: i
     method name to its hyper-parameters (e.g. ``{"scaledgd": {"damping": 0.0}}``). Returns
     ``{method: {"median": ..., "max": ..., "invariance": METHOD_INFO claim or ""}}``.
     """
-    if methods is None:
-        try:
-            from ..methods import available_methods
-            methods = available_methods()
-        except ImportError:
-            methods = ["lora", "reflora", "reflora-s"]
+    methods = available_methods() if methods is None else [canonical_method(m) for m in methods]
     gen = torch.Generator().manual_seed(int(seed))
     problems = []
     for _ in range(n_problems):
@@ -149,10 +131,6 @@ def consistency_table(methods: Sequence[str] | None = None, *, m: int = 30, n: i
         B = torch.randn(n, r, generator=gen, dtype=dtype) / math.sqrt(r)
         Y = torch.randn(m, n, generator=gen, dtype=dtype)
         problems.append((A, B, Y))
-    try:
-        from ..methods import METHOD_INFO
-    except ImportError:
-        METHOD_INFO = {}
     table = {}
     for name in methods:
         scores = [consistency_score(name, A, B, lambda W, Y=Y: W - Y, n_reparam=n_reparam,

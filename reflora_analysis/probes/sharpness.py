@@ -1,8 +1,10 @@
 r"""Sharpness of the loss with respect to the trainable (LoRA) parameters.
 
 The Hessian ``H = d^2 l / d theta^2`` over the parameters of ``model`` that require grad
-(for a PEFT model: the LoRA factors) is accessed only through Hessian-vector products
-(double backward, forward recomputed per product, math attention backend, eval mode).
+(for a PEFT model: the LoRA factors, plus any trainable head), or over the ``params`` given
+(``probes.SharpnessProbe`` passes the LoRA factors, ``THEORY.md`` section 5), is accessed
+only through Hessian-vector products (double backward, forward recomputed per product, math
+attention backend, eval mode).
 
 * :func:`top_hessian_eigenvalue` -- ``lambda_max(H)`` by our Lanczos (full
   reorthogonalisation, float64 tridiagonal, residual stop) or by a wrapper around
@@ -128,11 +130,39 @@ def lanczos_top_eigenvalues(matvec, dim: int, *, k: int = 1, tol: float = 1e-3,
             "iterations": len(alphas)}
 
 
+def _variables(model: nn.Module, params) -> list[Tensor]:
+    """The Hessian's variables: ``params`` (validated, duplicates dropped) or, when ``None``,
+    every parameter of ``model`` that requires grad."""
+    if params is None:
+        return trainable_parameters(model)
+    if isinstance(params, Tensor):
+        raise TypeError("params must be a sequence of tensors, not a single tensor")
+    out, seen = [], set()
+    for i, p in enumerate(params):
+        if not isinstance(p, Tensor):
+            raise TypeError(f"params[{i}] must be a tensor, got {type(p).__name__}")
+        if not p.requires_grad:
+            raise ValueError(f"params[{i}] (shape {tuple(p.shape)}) does not require grad; the "
+                             "Hessian needs differentiable parameters")
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    if not out:
+        raise ValueError("params is empty; nothing to probe")
+    return out
+
+
 @contextlib.contextmanager
 def _probing(model: nn.Module, params: Sequence[Tensor]):
-    """Eval mode (dropout makes HVPs random) and exact restoration of everything after."""
+    """Eval mode (dropout makes HVPs random), only ``params`` requiring grad (the other
+    trainable parameters, e.g. a classifier head, are constants of the Hessian), and exact
+    restoration of everything after."""
     with preserved_state(model, params):
         model.eval()
+        chosen = {id(p) for p in params}
+        for p in model.parameters():
+            if id(p) not in chosen:
+                p.requires_grad_(False)
         yield
 
 
@@ -237,13 +267,15 @@ def _pyhessian_top(model, loss_closure, params, k, tol, max_iter, seed, pyhessia
 def top_hessian_eigenvalue(model: nn.Module, loss_closure: LossClosure, method: str = "lanczos",
                            k: int = 1, tol: float = 1e-3, max_iter: int | None = None,
                            return_info: bool = False, seed: int = 0,
-                           pyhessian_tol: float | None = None, recompute_forward: bool = True):
+                           pyhessian_tol: float | None = None, recompute_forward: bool = True,
+                           params: Sequence[Tensor] | None = None):
     r"""Largest eigenvalue(s) of the Hessian of ``loss_closure()`` w.r.t. the trainable parameters.
 
     Parameters
     ----------
     model : nn.Module
-        Its parameters with ``requires_grad`` are the variables (PEFT: the LoRA factors).
+        Its parameters with ``requires_grad`` are the variables (PEFT: the LoRA factors and
+        any trainable head), unless ``params`` is given.
     loss_closure : callable () -> scalar tensor
         Recomputes the loss with ``model`` (called once per Hessian-vector product).
     method : {"lanczos", "pyhessian"}
@@ -269,6 +301,10 @@ def top_hessian_eigenvalue(model: nn.Module, loss_closure: LossClosure, method: 
         Lanczos only: recompute the forward pass for every product (default; memory of one
         double backward) or keep one gradient graph (one backward per product, faster on
         small models, PyHessian's choice).
+    params : sequence of tensors, optional
+        The variables of the Hessian (e.g. the LoRA factors only, ``[t for p in pairs for t in
+        p.params]``); default every parameter of ``model`` that requires grad. The other
+        parameters are held constant. ``"pyhessian"`` needs them to be parameters of ``model``.
 
     Notes
     -----
@@ -281,7 +317,12 @@ def top_hessian_eigenvalue(model: nn.Module, loss_closure: LossClosure, method: 
     _check_positive_int("k", k)
     if not (isinstance(tol, (float, int)) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
-    params = trainable_parameters(model)
+    params = _variables(model, params)
+    if method == "pyhessian":  # PyHessian takes the model's grad-requiring parameters in order
+        order = {id(p): i for i, p in enumerate(model.parameters())}
+        if any(id(p) not in order for p in params):
+            raise ValueError("method='pyhessian' needs params that are parameters of model")
+        params = sorted(params, key=lambda p: order[id(p)])
     start = time.perf_counter()
     with _probing(model, params):
         if method == "lanczos":
@@ -307,7 +348,8 @@ def _rademacher(shape, gen, device):
 
 
 def hessian_trace(model: nn.Module, loss_closure: LossClosure, n_samples: int = 99,
-                  method: str = "hutch++", seed: int = 0, return_info: bool = False):
+                  method: str = "hutch++", seed: int = 0, return_info: bool = False,
+                  params: Sequence[Tensor] | None = None):
     r"""``tr H`` with a standard error, from ``n_samples`` Hessian-vector products.
 
     ``"hutchinson"``: ``mean_i z_i^T H z_i`` over Rademacher ``z_i``; standard error
@@ -317,13 +359,16 @@ def hessian_trace(model: nn.Module, loss_closure: LossClosure, n_samples: int = 
     error is that of the Hutchinson part (the low-rank part has none given ``Q``). For
     indefinite Hessians read the result as an absolute error +- standard error.
 
+    ``params``: the variables (default every parameter of ``model`` that requires grad), as in
+    :func:`top_hessian_eigenvalue`.
+
     Returns ``(estimate, standard_error)`` (and an info dict with ``hvps``, ``seconds`` when
     ``return_info``).
     """
     if method not in ("hutch++", "hutchinson"):
         raise ValueError(f"unknown trace method {method!r}; valid: 'hutch++', 'hutchinson'")
     _check_positive_int("n_samples", n_samples, minimum=3 if method == "hutch++" else 2)
-    params = trainable_parameters(model)
+    params = _variables(model, params)
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(int(seed))
     with _probing(model, params):
@@ -352,7 +397,7 @@ def hessian_trace(model: nn.Module, loss_closure: LossClosure, n_samples: int = 
 
 def eigenvalue_density(model: nn.Module, loss_closure: LossClosure, n_v: int = 4,
                        n_iter: int = 50, *, grid_points: int = 1000, sigma: float | None = None,
-                       seed: int = 0) -> dict:
+                       seed: int = 0, params: Sequence[Tensor] | None = None) -> dict:
     r"""Spectral density of the Hessian by stochastic Lanczos quadrature (SLQ).
 
     For each of ``n_v`` Rademacher vectors ``v`` (normalised), ``n_iter`` Lanczos steps
@@ -361,14 +406,15 @@ def eigenvalue_density(model: nn.Module, loss_closure: LossClosure, n_v: int = 4
     ``(1/d) sum_j delta(lambda_j)``. The density is the average over vectors of
     ``sum_i w_i N(x; theta_i, sigma^2)`` on a grid covering every node +- 5 sigma, so it
     integrates to 1 (up to grid resolution). PyHessian's ``density()`` is not used: the PyPI
-    release calls the removed ``torch.eig``.
+    release calls the removed ``torch.eig``. ``params``: the variables (default every
+    parameter of ``model`` that requires grad), as in :func:`top_hessian_eigenvalue`.
 
     Returns dict: ``grid`` (grid_points,), ``density`` (grid_points,), ``nodes``
     (n_v, m), ``weights`` (n_v, m), ``sigma``, ``hvps``, ``seconds``.
     """
     _check_positive_int("n_v", n_v)
     _check_positive_int("n_iter", n_iter)
-    params = trainable_parameters(model)
+    params = _variables(model, params)
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(int(seed))
     nodes, weights = [], []

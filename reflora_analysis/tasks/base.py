@@ -134,6 +134,16 @@ class TaskOptions:
             raise FileNotFoundError(f"task {self.task!r}: {key} {path!r} does not exist")
         return path
 
+    def checkpoint_dir(self, key: str = "model_path") -> str | None:
+        """An existing local Hugging Face checkpoint directory (one holding ``config.json``),
+        or None; checked here so a wrong directory is not reported by a tokenizer backend."""
+        path = self.existing_path(key)
+        if path is not None and not os.path.isfile(os.path.join(path, "config.json")):
+            why = "no config.json" if os.path.isdir(path) else "a file, not a directory"
+            raise ValueError(f"task {self.task!r}: {key} {path!r} is not a Hugging Face checkpoint "
+                             f"directory ({why})")
+        return path
+
     def choice(self, key: str, options: tuple[str, ...]) -> str:
         value = self.values[key]
         if value not in options:
@@ -166,13 +176,31 @@ def batch_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
-    """``torch.device(device)``, with a clear error when CUDA is asked for and absent."""
+    """``torch.device(device)`` for ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, checked.
+
+    The package's one implementation: ``train`` imports it from here (tasks sit below
+    train and never import it).
+
+    Raises
+    ------
+    ValueError
+        A malformed device string; CUDA asked for on a machine without it (the message
+        names the torch build); a CUDA index beyond the visible devices; any other device
+        type.
+    """
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"invalid device {device!r}: {exc}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+        raise ValueError(f"invalid device {device!r} (use 'cpu', 'cuda' or 'cuda:N')") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "without CUDA support" if torch.version.cuda is None else f"with CUDA {torch.version.cuda}"
+            raise ValueError(f"device {str(device)!r} was requested but CUDA is not available on this "
+                             f"machine (torch {torch.__version__} built {built}); use device 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise ValueError(f"unsupported device {str(device)!r} (use 'cpu', 'cuda' or 'cuda:N')")
     return dev
 
 

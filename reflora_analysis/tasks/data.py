@@ -20,6 +20,13 @@ GLUE-style local data (``data_path``)
       ``DatasetDict.save_to_disk`` (needs the ``datasets`` package; splits ``train`` and
       ``validation`` when it is a ``DatasetDict``).
 
+    Labels: non-negative integers are kept as they are; any other values are class names,
+    encoded as their index in the sorted distinct names **of the training split**. A
+    held-out file (``dev.tsv``, the ``validation`` split) is encoded with the training
+    split's mapping, never on its own, so a class keeps its number even when the held-out
+    file lacks some classes; a held-out label absent from the training split is a
+    ``ValueError`` naming it.
+
 LLM-Adapters commonsense JSON (``commonsense_170k.json`` and each benchmark's ``test.json``)
     a JSON list of objects with ``instruction``, ``input``, ``output`` and ``answer``.
 """
@@ -50,6 +57,7 @@ class LabelledTexts:
     labels: list[int]
     source: str
     label_rule: str = ""
+    label_names: list[str] | None = None  # string classes: label i is label_names[i]
 
     def __post_init__(self):
         if len(self.texts) != len(self.labels):
@@ -62,11 +70,11 @@ class LabelledTexts:
 
     @property
     def num_labels(self) -> int:
-        return max(self.labels) + 1
+        return len(self.label_names) if self.label_names is not None else max(self.labels) + 1
 
     def subset(self, indices: Sequence[int]) -> "LabelledTexts":
         return LabelledTexts([self.texts[i] for i in indices], [self.labels[i] for i in indices],
-                             self.source, self.label_rule)
+                             self.source, self.label_rule, self.label_names)
 
 
 def split_indices(n: int, held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -135,7 +143,10 @@ _TEXT_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("questio
                  ("premise", "hypothesis"), ("sentence", None), ("text", None))
 
 
-def _from_rows(rows: list[dict], source: str) -> LabelledTexts:
+def _from_rows(rows: list[dict], source: str,
+               training: "LabelledTexts | None" = None) -> LabelledTexts:
+    """Texts and encoded labels of ``rows``; ``training`` is the training split when
+    ``rows`` are a held-out split, whose labels must then use the training encoding."""
     if not rows:
         raise ValueError(f"{source}: no rows")
     columns = set(rows[0])
@@ -151,29 +162,65 @@ def _from_rows(rows: list[dict], source: str) -> LabelledTexts:
     for row in rows:
         texts.append(str(row[first]) if second is None else (str(row[first]), str(row[second])))
         raw.append(row["label"])
-    labels = _encode_labels(raw, source)
-    return LabelledTexts(texts, labels, source=source, label_rule=f"'label' column of {source}")
+    if training is None:
+        labels, names = _encode_training_labels(raw, source)
+        rule = f"'label' column of {source}"
+    else:
+        labels, names = _encode_held_out_labels(raw, source, training), training.label_names
+        rule = training.label_rule
+    return LabelledTexts(texts, labels, source=source, label_rule=rule, label_names=names)
 
 
-def _encode_labels(raw: list, source: str) -> list[int]:
+def _as_label_ints(raw: list) -> list[int] | None:
+    """``raw`` as non-negative integers, or None when some value is not one."""
     try:
         ints = [int(v) for v in raw]
-        if min(ints) < 0:
-            raise ValueError
-        return ints
     except (TypeError, ValueError):
-        names = sorted({str(v) for v in raw})  # string labels: sorted names -> 0..k-1
-        index = {name: i for i, name in enumerate(names)}
-        if len(names) > 1000:
-            raise ValueError(f"{source}: 'label' column has {len(names)} distinct non-integer values") from None
-        return [index[str(v)] for v in raw]
+        return None
+    return ints if min(ints) >= 0 else None
 
 
-def _read_table(path: Path) -> LabelledTexts:
+def _encode_training_labels(raw: list, source: str) -> tuple[list[int], list[str] | None]:
+    """``(labels, names)``: non-negative integer labels are kept (``names`` None); otherwise
+    the sorted distinct strings are the class names, ``names[i]`` encoded as ``i``."""
+    ints = _as_label_ints(raw)
+    if ints is not None:
+        return ints, None
+    names = sorted({str(v) for v in raw})
+    if len(names) > 1000:
+        raise ValueError(f"{source}: 'label' column has {len(names)} distinct non-integer values")
+    index = {name: i for i, name in enumerate(names)}
+    return [index[str(v)] for v in raw], names
+
+
+def _encode_held_out_labels(raw: list, source: str, training: "LabelledTexts") -> list[int]:
+    """Held-out labels in the training split's encoding, so label ``i`` means the same class
+    in both splits (encoding each file on its own would renumber a subset of the classes)."""
+    if training.label_names is None:
+        ints = _as_label_ints(raw)
+        known = set(training.labels)
+        if ints is None:
+            bad = next(v for v in raw if _as_label_ints([v]) is None)
+            raise ValueError(f"{source}: held-out label {bad!r} is not a non-negative integer, "
+                             f"but the training labels ({training.source}) are integers")
+        unseen = sorted(set(ints) - known)
+        if unseen:
+            raise ValueError(f"{source}: held-out label(s) {', '.join(map(repr, unseen))} never occur in "
+                             f"the training split ({training.source}; labels {sorted(known)})")
+        return ints
+    index = {name: i for i, name in enumerate(training.label_names)}
+    unseen = sorted({str(v) for v in raw} - set(index))
+    if unseen:
+        raise ValueError(f"{source}: held-out label(s) {', '.join(map(repr, unseen))} never occur in "
+                         f"the training split ({training.source}; labels {', '.join(map(repr, training.label_names))})")
+    return [index[str(v)] for v in raw]
+
+
+def _read_table(path: Path, training: LabelledTexts | None = None) -> LabelledTexts:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     with open(path, encoding="utf-8", newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL))
-    return _from_rows(rows, str(path))
+    return _from_rows(rows, str(path), training)
 
 
 def _read_saved_dataset(path: Path) -> tuple[LabelledTexts, LabelledTexts | None]:
@@ -188,7 +235,7 @@ def _read_saved_dataset(path: Path) -> tuple[LabelledTexts, LabelledTexts | None
             raise ValueError(f"{path}: DatasetDict without a 'train' split (splits: {', '.join(ds)})")
         held = next((ds[s] for s in ("validation", "validation_matched", "dev", "test") if s in ds), None)
         train = _from_rows(list(ds["train"]), f"{path}[train]")
-        return train, (_from_rows(list(held), f"{path}[held-out]") if held is not None else None)
+        return train, (_from_rows(list(held), f"{path}[held-out]", train) if held is not None else None)
     return _from_rows(list(ds), str(path)), None
 
 
@@ -204,7 +251,8 @@ def load_labelled_texts(path: str | os.PathLike) -> tuple[LabelledTexts, Labelle
         return _read_table(path), None
     if (path / "train.tsv").is_file():
         dev = path / "dev.tsv"
-        return _read_table(path / "train.tsv"), (_read_table(dev) if dev.is_file() else None)
+        train = _read_table(path / "train.tsv")  # first: its label encoding is the reference
+        return train, (_read_table(dev, train) if dev.is_file() else None)
     if (path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file() \
             or (path / "state.json").is_file():
         return _read_saved_dataset(path)

@@ -24,6 +24,10 @@ Data
 
 Loss
     Mean token cross-entropy over the response tokens only (prompt and padding masked).
+    The mean is token-weighted (over all response tokens of the batch), not per example,
+    so under ``torchrun`` sharding (``reflora_analysis.distributed``) the averaged shard
+    gradients only approximate the full-batch gradient when shards hold different numbers
+    of response tokens.
 
 Evaluation (answer extraction as in LLM-Adapters' ``commonsense_evaluate.py``)
     Greedy decoding of up to ``max_new_tokens`` (default 32) tokens after the prompt. The
@@ -175,7 +179,7 @@ def _data(opts: TaskOptions, seed_for_synthetic: int):
 def make_causal_lm(*, seed: int = 0, device="cpu", quick: bool = False, **overrides) -> Task:
     """Causal LM + PEFT LoRA on LLM-Adapters commonsense data (module docstring)."""
     opts = TaskOptions("causal-lm", LLM_DEFAULTS, overrides, quick, LLM_QUICK)
-    model_path = opts.existing_path("model_path")
+    model_path = opts.checkpoint_dir("model_path")
     max_length = opts.positive_int("max_length", 8)
     max_new_tokens = opts.positive_int("max_new_tokens")
     batch_size, eval_batch_size = opts.positive_int("batch_size"), opts.positive_int("eval_batch_size")

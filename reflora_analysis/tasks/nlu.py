@@ -249,7 +249,7 @@ NLU_DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
 def make_nlu_minilm(*, seed: int = 0, device="cpu", quick: bool = False, **overrides) -> Task:
     """Pretrained MiniLM + mean pooling + linear head, PEFT LoRA, VADER polarity (module docstring)."""
     opts = TaskOptions("nlu-minilm", _COMMON_DEFAULTS, overrides, quick, _COMMON_QUICK)
-    model_path = opts.existing_path("model_path") or minilm_path()
+    model_path = opts.checkpoint_dir("model_path") or minilm_path()
     train, held, rule = _data(opts)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
@@ -296,7 +296,7 @@ def _tiny_deberta(opts: TaskOptions, num_labels: int, vocab_size: int):
 def make_seq_cls(*, seed: int = 0, device="cpu", quick: bool = False, **overrides) -> Task:
     """DeBERTa-v2 sequence classification with PEFT LoRA (module docstring)."""
     opts = TaskOptions("seq-cls", SEQ_CLS_DEFAULTS, overrides, quick, _COMMON_QUICK)
-    model_path = opts.existing_path("model_path")
+    model_path = opts.checkpoint_dir("model_path")
     train, held, rule = _data(opts)
     num_labels = max(train.num_labels, held.num_labels)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
