@@ -19,10 +19,22 @@ ranks without any extra communication. Two equivalent ways get there:
   ``optimizer.step()`` runs its pre-hooks the gradients are already reduced. This is tested
   in ``tests/test_distributed.py`` (the pre-hook sees the cross-rank mean).
 
-Requirements: the task's loss must be a mean over examples indexed by dim 0 of the batch
-tensors, with a batch size divisible by the world size (``nlu-minilm``, ``seq-cls``,
-``causal-lm``); full-batch objectives such as ``mf`` or ``sensing`` have no example
-dimension and should be run in one process.
+Requirements: the task's loss must be an example-indexed loss along dim 0 of the batch
+tensors, with a batch size divisible by the world size; full-batch objectives such as
+``mf`` or ``sensing`` have no example dimension and should be run in one process.
+Averaging the ``k`` shard gradients weights every shard equally,
+``g = (1/k) sum_j grad l_j``, which equals the full-batch gradient only when each shard's
+loss is a mean over the same number of terms:
+
+* exact for per-example-mean losses with equal shards: ``nlu-minilm`` and ``seq-cls``
+  (cross-entropy averaged over the ``batch_size / k`` examples of each shard);
+* approximate for ``causal-lm``, whose loss is token-weighted (the mean over the shard's
+  *response tokens*): with ``T_j`` response tokens in shard ``j`` the full-batch gradient is
+  ``sum_j (T_j / T) grad l_j`` (``T = sum_j T_j``), so DDP reweights a shard by
+  ``(T / k) / T_j``. The two agree only when every shard holds the same number of response
+  tokens; otherwise the step uses a differently weighted average of the same per-token
+  gradients, not the single-process one. The refactoring itself is unaffected: every rank
+  still sees the same reduced gradient.
 
 Running on several GPUs::
 

@@ -1,12 +1,15 @@
 """Nothing lost, nothing half-written: atomic files, torn logs, checkpoints, kill and resume.
 
-The kill-and-resume test starts a real training process, kills it with SIGKILL at a random
-step (the step is printed on failure), resumes it and checks that the final LoRA weights are
-*bit-identical* to an uninterrupted run and that the JSON lines hold every step exactly once.
-CI covers a representative subset of methods x optimizers (each subprocess pays a ~3 s torch
-import): lora/sgd, reflora/adamw, reflora-s/sgd and lora-rite/adamw. Every method goes
-through the same code path (train.run + checkpoint.py; a method's state lives in the
-optimizer's state dict and its transform's state dict); the in-process test
+The kill-and-resume test starts a real training process, kills it with SIGKILL at a
+pseudo-random step, resumes it and checks that the final LoRA weights are *bit-identical* to
+an uninterrupted run and that the JSON lines hold every step exactly once. The kill points
+come from ``random.Random(KILL_SEED)`` (environment variable, default 0; a failure message
+names the seed, so ``KILL_SEED=<seed> pytest ...`` replays the same kill points; vary it to
+explore others). CI covers a representative subset of methods x optimizers (each subprocess
+pays a ~3 s torch import): lora/sgd (no transform), reflora/adamw (a pre-step transform with
+Adam moments) and reflora-s/sgd (a post-step transform that rewrites the weights). Every
+method goes through the same code path (train.run + checkpoint.py; a method's state lives in
+the optimizer's state dict and its transform's state dict); the in-process test
 ``test_resume_matches_uninterrupted_for_every_method`` covers all of them.
 """
 
@@ -206,16 +209,17 @@ def _count_lines(path) -> int:
         return 0
 
 
-COMBOS = [("lora", "sgd"), ("reflora", "adamw"), ("reflora-s", "sgd"), ("lora-rite", "adamw")]
+# at least one SGD and one AdamW run, and one post-step method (reflora-s rewrites weights)
+COMBOS = [("lora", "sgd"), ("reflora", "adamw"), ("reflora-s", "sgd")]
 
 
 @pytest.mark.slow
-@pytest.mark.filterwarnings("ignore:lora-rite")
 def test_sigkill_then_resume_is_bit_identical(tmp_path):
     """One child process per combo, started together (one torch import's wall time), each
-    SIGKILLed after its own random number of logged lines, then resumed here."""
-    steps, every = 40, 6
-    rng = random.Random()
+    SIGKILLed after its own pseudo-random number of logged lines, then resumed here."""
+    steps, every = 20, 4
+    seed = int(os.environ.get("KILL_SEED", "0"))
+    rng = random.Random(seed)
     script = tmp_path / "train_child.py"
     script.write_text(KILL_SCRIPT)
     children = {}
@@ -239,12 +243,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path):
     for (method, optimizer), (child, out, kill_after) in children.items():
         _, err = child.communicate(timeout=60)
         assert child.returncode == -signal.SIGKILL, (
-            f"{method}/{optimizer}: child ended before the kill (kill_after={kill_after}, "
-            f"rc={child.returncode}): {err.decode()[-2000:]}")
+            f"{method}/{optimizer}, KILL_SEED={seed}: child ended before the kill "
+            f"(kill_after={kill_after}, rc={child.returncode}): {err.decode()[-2000:]}")
         logged = _count_lines(out)
         ckpt = checkpoint_path(out)
         ckpt_step = load_checkpoint(ckpt)["step"] if ckpt.exists() else 0
-        context = f"{method}/{optimizer}, killed after {logged} lines (checkpoint at step {ckpt_step})"
+        context = (f"{method}/{optimizer}, KILL_SEED={seed}, killed after {logged} lines "
+                   f"(kill_after={kill_after}, checkpoint at step {ckpt_step})")
         assert 0 < logged < steps + 1 and ckpt_step <= logged, context
 
         resumed = make_task("mf", seed=7)
