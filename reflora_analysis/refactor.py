@@ -25,7 +25,8 @@ Notation is the paper's (A: m x r = PEFT ``lora_B.weight``, B: n x r = PEFT
 The engine is batched: pairs are grouped by (rank, dtype, device) with
 :func:`~reflora_analysis.pairs.group_pairs`; the Grams of a group are written into one
 ``(L, r, r)`` buffer and every ``r x r`` factorization of the group is one batched call of
-:func:`~reflora_analysis.theory.geometric_mean`. :func:`reference_preconditioners` and
+:func:`~reflora_analysis.theory.geometric_mean_and_inverse` (``S*`` and ``S*^{-1}`` from one
+Cholesky + ``eigh``). :func:`reference_preconditioners` and
 :func:`reference_pre_step` keep the per-layer algorithm of the reference code (a Python
 loop, two eigendecompositions per layer) as the baseline of tests and benchmarks.
 
@@ -378,12 +379,6 @@ class _PairGroup:
         else:
             grad.copy_(out)
 
-    def scale_factors(self, scale_A: Tensor, scale_B: Tensor) -> None:
-        """``A <- A * scale_A[l]``, ``B <- B * scale_B[l]`` (0-d scalars), in place."""
-        for i, p in enumerate(self.pairs):
-            p.a.data.mul_(scale_A[i].to(self.dtype))
-            p.b.data.mul_(scale_B[i].to(self.dtype))
-
     def right_multiply_factors(self, right_A: Tensor, right_B: Tensor) -> None:
         """``A <- A right_A[l]``, ``B <- B right_B[l]`` (weights, in place, parameter dtype)."""
         for i, p in enumerate(self.pairs):
@@ -396,10 +391,16 @@ class _PairGroup:
                 b.copy_(self._upcast(b) @ right_B[i])
 
 
+def _trace(X: Tensor) -> Tensor:
+    return X.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
 def _singular_grams(X: Tensor, Y: Tensor, rel_tol: float) -> Tensor:
     """Per layer: ``X`` or ``Y`` zero, not positive definite, or with
     ``min diag(chol)^2 <= rel_tol * max diag(chol)^2`` (the cheap condition proxy a Cholesky
-    gives). ``(L,)`` bool, computed without a host read."""
+    gives). ``(L,)`` bool, computed without a host read. Used by "balance", which projects
+    only layers whose Grams are both regular ("reflora" reads the F10 mask of
+    :func:`~reflora_analysis.theory.geometric_mean_and_inverse` instead)."""
     bad = torch.zeros(X.shape[0], dtype=torch.bool, device=X.device)
     for G in (X, Y):
         L, info = torch.linalg.cholesky_ex(theory.symmetrize(G))
@@ -462,8 +463,10 @@ class Refactorer(PairTransform):
     damping : float
         Relative damping of the Grams (``theory.relative_damping``): ``X + dI``, ``Y + dI``
         with ``d = damping (tr X + tr Y) / (2r)``. The default 0 keeps RefLoRA exactly
-        GL(r)-invariant (F6); any d > 0 breaks invariance at order d. Near-singular Grams get extra damping
-        and one :class:`~reflora_analysis.theory.DegenerateGramWarning` per refactorer;
+        GL(r)-invariant (F6); any d > 0 breaks invariance at order d. Grams that are
+        near-singular after this damping get extra damping (F10) and one
+        :class:`~reflora_analysis.theory.DegenerateGramWarning` per refactorer naming the
+        layers (with d > 0 also layers with a zero factor, which RefLoRA cannot leave);
         results are always finite (F10).
     strategy : {"auto", "loop", "stack"}
         How the per-layer ``(m x r) x (r x r)`` products are issued (see ``_PairGroup``);
@@ -478,16 +481,23 @@ class Refactorer(PairTransform):
         See :class:`PairTransform`. On active "reflora" steps the check is fused into the
         gradient products (the sum of each product is a finiteness witness), so it costs no
         extra pass over the gradients; when it fires, gradients may already be
-        preconditioned: zero them and skip the batch.
+        preconditioned: zero them and skip the batch. The check guards against NaN/Inf
+        gradients (a diverged step) and is not part of the method (plain optimizers do
+        none): ``check_finite=False`` gives the bare cost of the method. On a tiny model
+        the check is a visible share of the hook (one witness sum per gradient for
+        "reflora"; a fused norm and a host read for "reflora-s" and "balance").
 
     Notes
     -----
     Grams and products are computed in ``promote_types(dtype, float32)`` and written back
     in the parameter dtype (bf16/fp16 parameters work); the ``r x r`` factorizations run
-    in float64 (tiny). Host reads per step ("reflora"): one per group in
-    :func:`~reflora_analysis.theory.geometric_mean` (its degenerate check; ``torch.linalg.eigh``
-    synchronises on CUDA anyway), one per group for this class's own singular-Gram check
-    until its warning has been given, and one for the fused finite check. Buffers (Grams,
+    in float64 (tiny): ``S*`` and ``S*^{-1}`` from one batched Cholesky + ``eigh`` per group
+    (:func:`~reflora_analysis.theory.geometric_mean_and_inverse`, no explicit inverse). Host
+    reads per step ("reflora"): two per group in that function (its non-finite and
+    degenerate checks; ``torch.linalg.eigh`` synchronises on CUDA anyway), one per group for
+    the warning (reading the same degenerate mask) until the warning has been given, and one
+    for the fused finite check. "reflora-s" rescales weights, gradients and moments with
+    ``torch._foreach_mul_`` and per-layer 0-d scales, without host reads. Buffers (Grams,
     one workspace per gradient shape) are allocated once; nothing grows with the steps.
 
     Cost per step, "reflora": two Grams and two gradient products per layer,
@@ -550,19 +560,24 @@ class Refactorer(PairTransform):
         return max(self.damping, 10 * group.rank * torch.finfo(group.compute_dtype).eps)
 
     def preconditioners(self, group: _PairGroup) -> tuple[Tensor, Tensor]:
-        """``S*`` and ``S*^{-1}`` for every layer of ``group``, ``(L, r, r)``, float64."""
+        """``S*`` and ``S*^{-1}`` for every layer of ``group``, ``(L, r, r)``, float64.
+
+        Both come from one batched Cholesky + ``eigh``
+        (:func:`~reflora_analysis.theory.geometric_mean_and_inverse`); its F10 mask, i.e.
+        the layers that needed extra damping, names the layers of the one-time warning.
+        """
         X, Y = group.compute_grams()
         X64, Y64 = X.to(torch.float64), Y.to(torch.float64)
+        # the warning is ours (once, with layer names), so theory's own is switched off
+        S, S_inv, singular = theory.geometric_mean_and_inverse(
+            X64, Y64, damping=self.damping, singular_rtol=self._singular_tol(group), warn=False)
         if not self._warned:  # one host read per group and step, until the warning is given
-            bad = _singular_grams(X64, Y64, self._singular_tol(group))
-            if bool(bad.any()):
-                self._warn_once(group, bad, "damping keeps the result finite")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", theory.DegenerateGramWarning)  # ours is above
-            # same threshold as the warning above, so the damping really goes where it says
-            S = theory.geometric_mean(X64, Y64, damping=self.damping,
-                                      singular_rtol=self._singular_tol(group))
-        S_inv = theory.symmetrize(torch.linalg.inv_ex(S).inverse)
+            if self.damping > 0:
+                # user damping makes a zero Gram (the lora_B = 0 start) regular, yet RefLoRA
+                # still cannot leave that point (THEORY.md section 6): warn about it too
+                singular = singular | (_trace(X64) <= 0) | (_trace(Y64) <= 0)
+            if bool(singular.any()):
+                self._warn_once(group, singular, "damping keeps the result finite")
         return S, S_inv
 
     def _balancing_maps(self, group: _PairGroup) -> tuple[Tensor, Tensor]:
@@ -588,25 +603,52 @@ class Refactorer(PairTransform):
 
     def _scalar_maps(self, group: _PairGroup) -> tuple[Tensor, Tensor]:
         """``1/p`` and ``p`` per layer, ``p = sqrt(||A||_F / ||B||_F)`` (1 for zero factors)."""
-        norm_A = torch.stack(torch._foreach_norm([p.A for p in group.pairs])).to(torch.float64)
-        norm_B = torch.stack(torch._foreach_norm([p.B for p in group.pairs])).to(torch.float64)
+        # stored tensors: same Frobenius norms as the paper views, contiguous reductions
+        norm_A = torch.stack(torch._foreach_norm([p.a for p in group.pairs])).to(torch.float64)
+        norm_B = torch.stack(torch._foreach_norm([p.b for p in group.pairs])).to(torch.float64)
         ok = (norm_A > 0) & (norm_B > 0) & torch.isfinite(norm_A) & torch.isfinite(norm_B)
         c = torch.where(ok, norm_A / torch.where(ok, norm_B, torch.ones_like(norm_B)),
                         torch.ones_like(norm_A))
         p = c.sqrt()
         return 1.0 / p, p
 
-    # -- moments --------------------------------------------------------------------------
-    @staticmethod
-    def _rescale_moments(optimizer, param, grad_scale: Tensor) -> None:
-        """Moments of ``param`` after its gradient is multiplied by ``grad_scale`` (0-d)."""
-        state = optimizer.state.get(param) if optimizer is not None else None
-        if not state:
-            return
-        for key, power in _MOMENT_POWERS.items():
-            t = state.get(key)
-            if isinstance(t, Tensor) and t.is_floating_point() and t.shape == param.shape:
-                t.mul_((grad_scale ** power).to(t.dtype))
+    # -- reflora-s rescale ----------------------------------------------------------------
+    def _rescale_scalar(self, group: _PairGroup, optimizer, with_grads: bool) -> None:
+        """RefLoRA-S on one group: ``A <- A / p``, ``B <- p B`` and, in the new coordinates,
+        gradients ``x p`` / ``x 1/p`` and moments ``x p^k`` / ``x p^-k`` (``k`` from
+        ``_MOMENT_POWERS``), all as ``torch._foreach_mul_`` calls with per-layer 0-d scales
+        (no host read, no per-tensor Python arithmetic)."""
+        inv_p, p = self._scalar_maps(group)
+        # (factor, power) -> per-layer scale: power k for gradients (k = 1) and moments
+        # (k = 1, 2); the weights themselves move by the inverse (k = -1)
+        scale = {("A", 1): p, ("B", 1): inv_p, ("A", 2): p ** 2, ("B", 2): inv_p ** 2,
+                 ("A", -1): inv_p, ("B", -1): p}
+        cast: dict[tuple, tuple[Tensor, ...]] = {}
+        buckets: dict[torch.dtype, tuple[list, list]] = {}
+
+        def add(t: Tensor, side: str, power: int, i: int) -> None:
+            key = (side, power, t.dtype)
+            if key not in cast:
+                cast[key] = scale[(side, power)].to(t.dtype).unbind(0)
+            tensors, scalars = buckets.setdefault(t.dtype, ([], []))
+            tensors.append(t)
+            scalars.append(cast[key][i])
+
+        state = optimizer.state if optimizer is not None else {}
+        for i, pair in enumerate(group.pairs):
+            for side, param in (("A", pair.a), ("B", pair.b)):
+                add(param.data, side, -1, i)  # .data: also valid outside no_grad
+                if with_grads and param.grad is not None:
+                    add(param.grad, side, 1, i)
+                moments = state.get(param)
+                if not moments:
+                    continue
+                for key, power in _MOMENT_POWERS.items():
+                    t = moments.get(key)
+                    if isinstance(t, Tensor) and t.is_floating_point() and t.shape == param.shape:
+                        add(t, side, power, i)
+        for tensors, scalars in buckets.values():
+            torch._foreach_mul_(tensors, scalars)
 
     # -- the three methods ----------------------------------------------------------------
     def _pre_step_checks_finite(self) -> bool:
@@ -634,17 +676,12 @@ class Refactorer(PairTransform):
         if self.method != "reflora":
             self._transform_weights(optimizer, with_grads=False)
 
+    # no_grad also when called directly: the norms of the parameters must not record a graph
+    @torch.no_grad()
     def _transform_weights(self, optimizer, with_grads: bool) -> None:
         for group in self._groups:
             if self.method == "reflora-s":
-                inv_p, p = self._scalar_maps(group)
-                group.scale_factors(inv_p, p)
-                for i, pair in enumerate(group.pairs):
-                    # A' = A / p: gradients (and moments) of A scale by p, those of B by 1/p
-                    for param, s in ((pair.a, p[i]), (pair.b, inv_p[i])):
-                        if with_grads and param.grad is not None:
-                            param.grad.mul_(s.to(param.grad.dtype))
-                        self._rescale_moments(optimizer, param, s)
+                self._rescale_scalar(group, optimizer, with_grads)
             else:  # balance: A' = A P, B' = B P^{-1}; moments deliberately untouched
                 P, P_inv = self._balancing_maps(group)
                 cd = group.compute_dtype

@@ -14,7 +14,8 @@ Facts implemented (``THEORY.md``):
 ====  ==========================================================  ========================
 F1    refactored step equals a preconditioned step                :func:`preconditioned_step`
 F2    closed form of the induced weight update                    :func:`weight_update`
-F3    S* = (A^T A)^{-1} # (B^T B)                                  :func:`optimal_preconditioner`
+F3    S* = (A^T A)^{-1} # (B^T B)                                  :func:`optimal_preconditioner`,
+                                                                  :func:`geometric_mean_and_inverse`
 F4    balance of the refactored factors                           :func:`refactor_balanced`
 F5    minimal norm ||AP||^2 + ||BP^{-T}||^2 >= 2 ||M||_*          :func:`factor_norm`
 F6    consistency: A S* A^T = (M M^T)^{1/2}                       :func:`weight_update`
@@ -26,6 +27,7 @@ F10   damping of degenerate Grams, never NaN/Inf                  :func:`geometr
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -41,6 +43,7 @@ __all__ = [
     "spectral_norm",
     "relative_damping",
     "geometric_mean",
+    "geometric_mean_and_inverse",
     "geometric_mean_reference",
     "optimal_preconditioner",
     "scalar_preconditioner",
@@ -135,6 +138,48 @@ def _numerically_singular(L: Tensor, info: Tensor, evals: Tensor,
     return (info != 0) | x_bad | c_bad | ~torch.isfinite(evals).all(-1)
 
 
+def _factor_geometric_mean(X: Tensor, Y: Tensor, damping: float, singular_rtol: float | None,
+                           caller: str, warn: bool):
+    """Checks, damping and the one factorization behind F3, with the F10 fallback.
+
+    Returns ``(L, evals, evecs, singular)``: ``X' = L L^T`` and ``L^T Y' L = E diag(evals) E^T``
+    for the (damped) Grams ``X', Y'``, and the ``(...,)`` bool mask of the batch elements that
+    needed the F10 extra damping. Shared by :func:`geometric_mean` and
+    :func:`geometric_mean_and_inverse`, so both refuse the same inputs and damp alike.
+    """
+    _check_grams(X, Y, caller)
+    if not (isinstance(damping, (int, float)) and damping >= 0 and damping < float("inf")):
+        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
+    # NaN/Inf anywhere make the sum non-finite: one cheap reduction decides the common case;
+    # only a non-finite sum (possibly an overflow of finite entries) is inspected exactly
+    if not math.isfinite(float(X.sum() + Y.sum())) and \
+            not bool((torch.isfinite(X).all() & torch.isfinite(Y).all()).item()):
+        raise ValueError(f"{caller}: the Gram matrices hold NaN or Inf (the LoRA factors "
+                         "are non-finite, e.g. after a diverged step)")
+    X, Y = symmetrize(X), symmetrize(Y)
+    if damping > 0:
+        d = relative_damping(X, Y, damping)
+        X, Y = _add_diag(X, d), _add_diag(Y, d)
+    L, info, evals, evecs = _cholesky_and_eigh(X, Y)
+    bad = _numerically_singular(L, info, evals, singular_rtol)
+    if bool(bad.any()):
+        if warn:
+            warnings.warn(
+                "singular or near-singular LoRA Gram matrix (e.g. the B = 0 start); extra "
+                "damping added (THEORY.md F10). Consider warm-up steps or a balanced "
+                "initialisation.",
+                DegenerateGramWarning,
+                stacklevel=3,
+            )
+        eps = torch.finfo(X.dtype).eps ** 0.5
+        scale = relative_damping(X, Y, 1.0)
+        floor = torch.where(scale > 0, scale, torch.ones_like(scale)) * eps
+        extra = torch.where(bad, floor, torch.zeros_like(floor))
+        X, Y = _add_diag(X, extra), _add_diag(Y, extra)
+        L, info, evals, evecs = _cholesky_and_eigh(X, Y)
+    return L, evals, evecs, bad
+
+
 def geometric_mean(X: Tensor, Y: Tensor, damping: float = 0.0,
                    singular_rtol: float | None = None) -> Tensor:
     r"""The matrix geometric mean ``S = X^{-1} # Y``: the SPD solution of ``S X S = Y`` (F3).
@@ -144,7 +189,8 @@ def geometric_mean(X: Tensor, Y: Tensor, damping: float = 0.0,
         S = L^{-T} C^{1/2} L^{-1},
 
     one Cholesky and one ``r x r`` symmetric eigendecomposition (the reference code
-    uses two eigendecompositions: :func:`geometric_mean_reference`).
+    uses two eigendecompositions: :func:`geometric_mean_reference`). When ``S^{-1}`` is
+    needed too, :func:`geometric_mean_and_inverse` gives both from the same factorization.
 
     Parameters
     ----------
@@ -167,36 +213,64 @@ def geometric_mean(X: Tensor, Y: Tensor, damping: float = 0.0,
     vanish) is added to both Grams for that batch element and a
     :class:`DegenerateGramWarning` is issued, so the result is always finite.
     """
-    _check_grams(X, Y, "geometric_mean")
-    if not (isinstance(damping, (int, float)) and damping >= 0 and damping < float("inf")):
-        raise ValueError(f"damping must be a finite number >= 0, got {damping!r}")
-    if not bool((torch.isfinite(X).all() & torch.isfinite(Y).all()).item()):
-        raise ValueError("geometric_mean: the Gram matrices hold NaN or Inf (the LoRA factors "
-                         "are non-finite, e.g. after a diverged step)")
-    X, Y = symmetrize(X), symmetrize(Y)
-    if damping > 0:
-        d = relative_damping(X, Y, damping)
-        X, Y = _add_diag(X, d), _add_diag(Y, d)
-    L, info, evals, evecs = _cholesky_and_eigh(X, Y)
-    bad = _numerically_singular(L, info, evals, singular_rtol)
-    if bool(bad.any()):
-        warnings.warn(
-            "singular or near-singular LoRA Gram matrix (e.g. the B = 0 start); extra damping "
-            "added (THEORY.md F10). Consider warm-up steps or a balanced initialisation.",
-            DegenerateGramWarning,
-            stacklevel=2,
-        )
-        eps = torch.finfo(X.dtype).eps ** 0.5
-        scale = relative_damping(X, Y, 1.0)
-        floor = torch.where(scale > 0, scale, torch.ones_like(scale)) * eps
-        extra = torch.where(bad, floor, torch.zeros_like(floor))
-        X, Y = _add_diag(X, extra), _add_diag(Y, extra)
-        L, info, evals, evecs = _cholesky_and_eigh(X, Y)
+    L, evals, evecs, _ = _factor_geometric_mean(X, Y, damping, singular_rtol,
+                                                "geometric_mean", warn=True)
     C_half = (evecs * evals.clamp_min(0.0).sqrt().unsqueeze(-2)) @ evecs.mT
     # S = L^{-T} C^{1/2} L^{-1}: two triangular solves instead of an explicit inverse.
     Z = torch.linalg.solve_triangular(L.mT, C_half, upper=True)  # L^{-T} C^{1/2}
     S = torch.linalg.solve_triangular(L.mT, Z.mT, upper=True).mT  # (L^{-T} Z^T)^T = Z L^{-1}
     return symmetrize(S)
+
+
+def geometric_mean_and_inverse(X: Tensor, Y: Tensor, damping: float = 0.0,
+                               singular_rtol: float | None = None,
+                               warn: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    r"""``S = X^{-1} # Y``, its inverse ``S^{-1} = Y^{-1} # X`` and the F10 mask, from one
+    factorization (F3).
+
+    With ``X = L L^T`` (Cholesky) and ``L^T Y L = E diag(lam) E^T`` (symmetric eigh),
+    ``q = lam^{1/4}``,
+
+        M = L^{-T} E diag(q),      N = L E diag(q)^{-1},
+        S = M M^T = L^{-T} (L^T Y L)^{1/2} L^{-1},
+        S^{-1} = N N^T = L (L^T Y L)^{-1/2} L^T,
+
+    so ``M^T N = I`` and ``S S^{-1} = I`` by construction: one Cholesky, one ``eigh``, one
+    triangular solve and three ``r x r`` products, against :func:`geometric_mean` followed by
+    an explicit inverse. Both results are symmetric positive definite (Gram forms).
+
+    Parameters
+    ----------
+    X, Y : (..., r, r) symmetric positive (semi-)definite, float32 or float64.
+    damping, singular_rtol : float
+        As in :func:`geometric_mean` (the same checks, errors and damping).
+    warn : bool
+        Issue the :class:`DegenerateGramWarning` of the F10 fallback. Callers that report
+        degenerate elements themselves (with names, once) pass ``False`` and read the mask.
+
+    Returns
+    -------
+    S, S_inv : (..., r, r)
+        ``S X S = Y`` and ``S_inv Y S_inv = X`` (to round-off, on the damped Grams).
+    singular : (...,) bool
+        Batch elements that were numerically singular (``X`` not positive definite, or
+        ``X`` or ``L^T Y L`` with condition beyond ``1 / singular_rtol``) after ``damping``
+        and therefore got the F10 extra damping.
+
+    Notes
+    -----
+    F10: the fallback is :func:`geometric_mean`'s (``sqrt(eps) (tr X + tr Y) / (2r)`` added
+    where singular), so ``S`` equals :func:`geometric_mean`'s result up to round-off, and
+    every output is finite. Eigenvalues below the dtype's ``tiny`` are clamped to it before
+    the fourth root.
+    """
+    L, evals, evecs, bad = _factor_geometric_mean(X, Y, damping, singular_rtol,
+                                                  "geometric_mean_and_inverse", warn)
+    q = evals.clamp_min(torch.finfo(evals.dtype).tiny).pow(0.25).unsqueeze(-2)
+    M = torch.linalg.solve_triangular(L.mT, evecs * q, upper=True)  # L^{-T} E lam^{1/4}
+    N = (L @ evecs) / q  # L E lam^{-1/4}
+    # Gram forms are symmetric in exact arithmetic; symmetrize drops the GEMM round-off
+    return symmetrize(M @ M.mT), symmetrize(N @ N.mT), bad
 
 
 def geometric_mean_reference(X: Tensor, Y: Tensor) -> Tensor:

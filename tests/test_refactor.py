@@ -641,3 +641,104 @@ def test_stack_strategy_with_bf16_and_missing_grads():
         assert rel(p.grad_A.float(), gA.double() @ torch.linalg.inv(S)) < 3e-2
         assert rel(p.grad_B.float(), gB.double() @ S) < 3e-2
     assert pairs[2].a.grad is None and pairs[2].b.grad is None
+
+
+# --------------------------------------------------------------------------------------
+# engine internals introduced for speed: one factorization, vectorised reflora-s rescale
+# --------------------------------------------------------------------------------------
+
+
+def test_preconditioners_give_s_and_its_inverse_from_one_factorization():
+    pairs = [make_pair(20 + i, 15 + 2 * i, 4, seed=40 + i) for i in range(5)]
+    ref = Refactorer(pairs, damping=0.0)
+    (group,) = ref._groups
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", theory.DegenerateGramWarning)  # full rank: silent
+        S, S_inv = ref.preconditioners(group)
+    eye = torch.eye(4, dtype=F64)
+    for i, (A, B) in enumerate(pairs):
+        S_theory = theory.optimal_preconditioner(A.detach(), B.detach())
+        # float64, cond(Gram) ~ 10: round-off of two r x r factorizations only
+        assert rel(S[i], S_theory) < 1e-10
+        assert rel(S_inv[i], torch.linalg.inv(S_theory)) < 1e-10
+        assert rel(S[i] @ S_inv[i], eye) < 1e-12
+        assert torch.equal(S_inv[i], S_inv[i].mT)
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-3])
+def test_reflora_warning_names_only_degenerate_layers_once(damping):
+    # layer "pair1" starts at A = 0 (the PEFT start); the others are healthy. With damping
+    # > 0 the Grams are regular, yet RefLoRA cannot leave A = 0: still warned, once.
+    pairs = [make_pair(12, 10, 3, seed=60 + i) for i in range(3)]
+    with torch.no_grad():
+        pairs[1][0].zero_()
+    params = [q for pair in pairs for q in pair]
+    opt = torch.optim.SGD(params, lr=0.1)
+    Refactorer(pairs, damping=damping).attach(opt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for k in range(3):
+            opt.zero_grad()
+            quadratic_grads(pairs, k)
+            opt.step()
+    degenerate = [str(w.message) for w in caught
+                  if issubclass(w.category, theory.DegenerateGramWarning)]
+    assert len(degenerate) == 1, degenerate
+    assert "pair1" in degenerate[0] and "pair0" not in degenerate[0]
+    assert "pair2" not in degenerate[0]
+    assert all(torch.isfinite(q).all() for q in params)
+
+
+def test_healthy_training_never_warns():
+    pairs = [make_pair(12, 10, 3, seed=70 + i) for i in range(3)]
+    params = [q for pair in pairs for q in pair]
+    opt = torch.optim.SGD(params, lr=0.01)
+    Refactorer(pairs).attach(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", theory.DegenerateGramWarning)
+        for k in range(3):
+            opt.zero_grad()
+            quadratic_grads(pairs, k)
+            opt.step()
+
+
+@pytest.mark.parametrize("kind", ["adamw-amsgrad", "sgd-momentum"])
+def test_reflora_s_rescales_weights_grads_and_every_moment(kind):
+    """Vectorised rescale against the F7 formulas, per tensor, in float64: both storage
+    orientations, a zero-factor layer (kept as is), grads (initial call) and every moment."""
+    pairs = []
+    for i in range(4):
+        A, B = make_pair(9 + i, 7 + i, 2, seed=80 + i, scale_a=3.0 ** i)
+        transposed = i % 2 == 0
+        b = nn.Parameter(B.detach().T.contiguous()) if transposed else B
+        pairs.append(LoraPair(f"l{i}", A, b, b_transposed=transposed))
+    with torch.no_grad():
+        pairs[3].a.zero_()  # A = 0: no rescaling can help, scale 1 (F7, F10)
+    params = [q for p in pairs for q in p.params]
+    opt = (torch.optim.AdamW(params, lr=1e-2, amsgrad=True) if kind == "adamw-amsgrad"
+           else torch.optim.SGD(params, lr=1e-2, momentum=0.9))
+    g = torch.Generator().manual_seed(1)
+    for q in params:  # two plain steps fill the moments
+        q.grad = torch.randn(q.shape, generator=g, dtype=F64)
+    opt.step()
+    opt.step()
+    keys = [k for k in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+            if k in opt.state[params[0]]]
+    assert len(keys) == (3 if kind == "adamw-amsgrad" else 1)
+    before = {id(q): {"w": q.detach().clone(), "g": q.grad.clone(),
+                      **{k: opt.state[q][k].clone() for k in keys}} for q in params}
+    norms = [(float(p.A.norm()), float(p.B.norm())) for p in pairs]
+    Refactorer(pairs, method="reflora-s")._transform_weights(opt, with_grads=True)
+    for p, (nA, nB) in zip(pairs, norms):
+        s = (nA / nB) ** 0.5 if nA > 0 else 1.0  # p = sqrt(||A|| / ||B||)
+        for q, grad_scale in ((p.a, s), (p.b, 1 / s)):
+            old = before[id(q)]
+            # float64: one rounding of a scalar product per entry
+            assert rel(q.detach(), old["w"] / grad_scale) < 1e-14
+            assert rel(q.grad, old["g"] * grad_scale) < 1e-14
+            for k in keys:
+                power = 2 if k.endswith("sq") else 1
+                assert rel(opt.state[q][k], old[k] * grad_scale ** power) < 1e-14, k
+        if nA == 0:  # untouched, bit for bit
+            assert torch.equal(p.b.detach(), before[id(p.b)]["w"])
+            assert torch.equal(p.b.grad, before[id(p.b)]["g"])

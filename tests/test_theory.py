@@ -261,6 +261,93 @@ def test_f3_geometric_mean_of_general_spd_pairs(r, seed, log_x, log_y):
     assert_small(S - th.geometric_mean_reference(X, Y), fro(S), 1e-6, "Cholesky vs reference")
 
 
+@settings(max_examples=40)
+@given(cases())
+def test_f3_geometric_mean_and_inverse_from_one_factorization(case):
+    t = case.tensors()
+    X, Y = th.gram(t.A), th.gram(t.B)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", th.DegenerateGramWarning)  # full rank: no damping
+        S, S_inv, singular = th.geometric_mean_and_inverse(X, Y)
+    assert S.shape == S_inv.shape == case.batch + (case.r, case.r)
+    assert singular.shape == case.batch and singular.dtype == torch.bool
+    assert not bool(singular.any())
+    assert torch.equal(S, S.mT) and torch.equal(S_inv, S_inv.mT)
+    for M in (S, S_inv):
+        assert bool((torch.linalg.eigvalsh(M) > 0).all()), "not positive definite"
+    eye = torch.eye(case.r, dtype=F64).expand_as(S)
+    # same tolerances and reasons as the geometric_mean test above (cond(X), cond(Y) <= 1e4)
+    assert_small(S @ X @ S - Y, op2(S) ** 2 * fro(X), 1e-12, "S X S = Y (F3)")
+    assert_small(S_inv @ Y @ S_inv - X, op2(S_inv) ** 2 * fro(Y), 1e-12, "S^-1 Y S^-1 = X")
+    assert_small(S @ S_inv - eye, op2(S) * op2(S_inv), 1e-12, "S S^-1 = I")
+    # against geometric_mean and the explicit inverse of its S: both carry the F3 round-off
+    # (~cond(S) eps r; worst seen over 600 extra examples 2e-14), far below the O(1) error
+    # of a wrong formula
+    S_gm = th.geometric_mean(X, Y)
+    assert_small(S - S_gm, fro(S_gm), 1e-10, "S vs geometric_mean")
+    S_gm_inv = torch.linalg.inv(S_gm)
+    assert_small(S_inv - S_gm_inv, fro(S_gm_inv), 1e-10, "S^-1 vs inv(geometric_mean)")
+
+
+@settings(max_examples=25)
+@given(st.integers(1, 12), st.integers(0, 2**31 - 1), st.floats(-3, 3), st.floats(-3, 3),
+       st.sampled_from([0.0, 1e-6, 1e-2]))
+def test_f3_geometric_mean_and_inverse_general_spd_and_damping(r, seed, log_x, log_y, damping):
+    gen = torch.Generator().manual_seed(seed)
+    X = random_spd(gen, (), r, 10.0**log_x, spread=30.0)
+    Y = random_spd(gen, (), r, 10.0**log_y, spread=30.0)
+    S, S_inv, singular = th.geometric_mean_and_inverse(X, Y, damping=damping)
+    assert not bool(singular)
+    # damping is applied as in geometric_mean: S solves the F3 equation of the damped Grams
+    d = th.relative_damping(X, Y, damping)
+    eye = torch.eye(r, dtype=F64)
+    Xd, Yd = X + d * eye, Y + d * eye
+    assert_small(S @ Xd @ S - Yd, op2(S) ** 2 * fro(Xd), 1e-12, "S X S = Y, damped SPD")
+    assert_small(S @ S_inv - eye, op2(S) * op2(S_inv), 1e-12, "S S^-1 = I, damped SPD")
+    S_gm = th.geometric_mean(X, Y, damping=damping)
+    assert_small(S - S_gm, fro(S_gm), 1e-10, "S vs geometric_mean, damped")
+
+
+@settings(max_examples=40)
+@given(cases(batches=st.sampled_from([(3,), (2, 2)])),
+       st.sampled_from(["A=0", "B=0", "both=0", "rank-deficient"]),
+       st.sampled_from([torch.float64, torch.float32]), st.floats(-8, 8), st.floats(-8, 8))
+def test_f10_geometric_mean_and_inverse_mask_marks_degenerate_elements(case, kind, dtype,
+                                                                          log_a, log_b):
+    if kind == "rank-deficient" and case.r == 1:
+        kind = "A=0"
+    gen = torch.Generator().manual_seed(case.seed)
+    A_bad, B_bad = _degenerate_factors(kind, gen, case.batch, case.m, case.n, case.r, dtype)
+    spread = 10.0 if dtype == F64 else 2.0  # as in the extreme-scale test: no damping needed
+    A = well_conditioned(gen, case.batch, case.m, case.r, 1.0, spread).to(dtype)
+    B = well_conditioned(gen, case.batch, case.n, case.r, 1.0, spread).to(dtype)
+    # the first batch element degenerate, the others healthy
+    A[(0,) * (A.dim() - 2)] = A_bad[(0,) * (A.dim() - 2)]
+    B[(0,) * (B.dim() - 2)] = B_bad[(0,) * (B.dim() - 2)]
+    A, B = A * 10.0**log_a, B * 10.0**log_b
+    X, Y = th.gram(A), th.gram(B)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", th.DegenerateGramWarning)  # warn=False: silent
+        S, S_inv, singular = th.geometric_mean_and_inverse(X, Y, warn=False)
+    expected = torch.zeros(case.batch, dtype=torch.bool)
+    expected[(0,) * len(case.batch)] = True
+    assert torch.equal(singular, expected), f"{kind}: mask {singular.tolist()}"
+    assert S.dtype == S_inv.dtype == dtype
+    assert bool(torch.isfinite(S).all()) and bool(torch.isfinite(S_inv).all()), kind
+    with pytest.warns(th.DegenerateGramWarning):  # the default warns like geometric_mean
+        S_warned, _, _ = th.geometric_mean_and_inverse(X, Y)
+    assert torch.equal(S_warned, S)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", th.DegenerateGramWarning)
+        S_gm = th.geometric_mean(X, Y)
+    # same factorization and F10 damping, only the final r x r products differ: round-off
+    # (worst seen over 400 extra examples: 2e-15 float64, 3e-7 float32)
+    tol = 1e-12 if dtype == F64 else 1e-4
+    healthy = ~expected
+    assert_small((S - S_gm)[healthy], fro(S_gm[healthy]), tol, f"healthy elements ({kind})")
+    assert_small((S - S_gm)[~healthy], fro(S_gm[~healthy]), tol, f"damped element ({kind})")
+
+
 # ------------------------------------------------------------------------------------ F4
 
 
@@ -567,6 +654,10 @@ BAD_INPUTS = [
     ("non-square", th.geometric_mean_reference, (torch.ones(2, 3), torch.ones(2, 3)), ValueError,
      [(2, 3)]),
     ("gram shapes", th.geometric_mean, (torch.eye(2), torch.eye(3)), ValueError, [(2, 2), (3, 3)]),
+    ("gram shapes", th.geometric_mean_and_inverse, (torch.eye(2), torch.eye(3)), ValueError,
+     [(2, 2), (3, 3)]),
+    ("half precision", th.geometric_mean_and_inverse, (_S.half(), _S.half()), TypeError,
+     ["torch.float16"]),
     ("G shape", th.weight_update, (_A, _B, torch.ones(4, 5), 0.1, _S), ValueError, [(4, 5)]),
     ("G shape", th.preconditioned_step, (_A, _B, torch.ones(5, 3), 0.1, _S), ValueError, [(5, 3)]),
     ("G shape", th.upper_bounds, (_A, _B, torch.ones(5, 5), 1.0, 0.1, 1.0, _S), ValueError,
@@ -609,6 +700,8 @@ def test_non_finite_factors_raise_a_clear_error():
         A_bad[0, 0] = bad
         with pytest.raises(ValueError, match="NaN or Inf"):
             th.optimal_preconditioner(A_bad, B)
+        with pytest.raises(ValueError, match="geometric_mean_and_inverse.*NaN or Inf"):
+            th.geometric_mean_and_inverse(th.gram(A_bad), th.gram(B))
 
 
 @pytest.mark.parametrize("damping", [-1e-3, float("nan"), float("inf")])
@@ -617,3 +710,5 @@ def test_invalid_damping_is_refused(damping):
     X = torch.eye(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
         th.geometric_mean(X, X, damping=damping)
+    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
+        th.geometric_mean_and_inverse(X, X, damping=damping)
