@@ -1,0 +1,327 @@
+"""Notebooks, the papermill runner (``reflora_analysis.figures``) and the figure helpers.
+
+The expensive test executes all six notebooks through the runner with tiny parameters
+(``TINY``) into ``tmp_path`` and checks every file each one promises: PNG + PDF figures,
+the plotted data with finite numbers and one series per method, ``params.json`` and
+``index.md``. The rest is cheap: stored notebooks have no outputs and exactly one
+``parameters`` cell of literals; the runner refuses unknown parameters and wrong types;
+a failing notebook leaves the previous figures in place (issue 7); a Jupyter kernel starts
+and runs a notebook's first cell; ``jupyter lab --version`` runs.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+pytest.importorskip("papermill")
+
+from reflora_analysis import figures, plotting  # noqa: E402
+
+NOTEBOOKS = figures.NOTEBOOK_DIR
+STEMS = ["01_matrix_factorization", "02_upper_bounds", "03_consistency_balance",
+         "04_sharpness_landscape", "05_real_model_convergence", "06_overhead"]
+REQUIRED_PARAMETERS = {"quick", "device", "seeds", "steps", "out_dir"}
+
+# Tiny settings: every code path of every notebook, in ~1-2 minutes on one core.
+TINY = {
+    "01_matrix_factorization": {"steps": 4, "seeds": [0]},
+    "02_upper_bounds": {"steps": 3, "n_etas": 6, "iterates": [0, 2]},
+    "03_consistency_balance": {"seeds": [0], "steps": 3, "n_reparam": 2,
+                               "consistency_tasks": ["mf"], "real_task": None},
+    "04_sharpness_landscape": {"steps": 4, "probe_every": 2, "trace_samples": 3,
+                               "real_task": None, "n_points": 5, "n_grid": 3},
+    "05_real_model_convergence": {"steps": 2, "seeds": [0, 1], "methods": ["lora", "reflora"],
+                                  "eval_examples": 16},
+    "06_overhead": {"steps": 2, "warmup": 1, "repeats": 1, "methods": ["lora", "reflora-s"],
+                    "task": "mf", "optimizer": "sgd", "isolate": False},
+}
+
+
+def _methods():
+    from reflora_analysis.methods import available_methods
+    return set(available_methods())
+
+
+# --- stored notebooks ----------------------------------------------------------------
+
+def test_the_six_notebooks_exist():
+    assert figures.available_notebooks() == STEMS
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_notebook_committed_without_outputs_with_one_literal_parameters_cell(stem):
+    nb = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [], f"{stem}: a code cell has stored outputs"
+            assert cell.execution_count is None, f"{stem}: a code cell has an execution count"
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{stem}: expected exactly one 'parameters' cell, got {len(tagged)}"
+    names = set()
+    for node in ast.parse(tagged[0].source).body:
+        # literals only: papermill injects values, it does not recompute expressions
+        assert isinstance(node, ast.Assign) and len(node.targets) == 1, ast.dump(node)
+        ast.literal_eval(node.value)
+        names.add(node.targets[0].id)
+    assert REQUIRED_PARAMETERS <= names, f"{stem}: missing {REQUIRED_PARAMETERS - names}"
+    assert set(figures.notebook_parameters(stem)) == names  # papermill sees them all
+
+
+# --- runner: arguments ---------------------------------------------------------------
+
+def test_runner_refuses_unknown_parameter_names_and_wrong_types(tmp_path):
+    with pytest.raises(figures.NotebookParameterError, match=r"no parameter 'stepz'.*valid: .*steps"):
+        figures.run_notebooks(["01"], out=tmp_path, params_override={"stepz": 3}, progress=False)
+    with pytest.raises(figures.NotebookParameterError, match=r"'steps' must be int"):
+        figures.run_notebooks(["01"], out=tmp_path, params_override={"steps": "3"}, progress=False)
+    with pytest.raises(figures.NotebookParameterError, match=r"'quick' must be bool"):
+        figures.check_parameters("01_matrix_factorization", {"quick": 1})
+    with pytest.raises(ValueError, match=r"unknown notebook 'nope'; valid: 01_matrix"):
+        figures.run_notebooks(["nope"], out=tmp_path, progress=False)
+    assert not any(tmp_path.iterdir()), "nothing may run (or be written) after a bad argument"
+
+
+def test_notebook_names_resolve():
+    assert figures.resolve_notebook("05") == "05_real_model_convergence"
+    assert figures.resolve_notebook("6") == "06_overhead"
+    assert figures.resolve_notebook("upper_bounds") == "02_upper_bounds"
+    assert figures.resolve_notebook("notebooks/04_sharpness_landscape.ipynb") == "04_sharpness_landscape"
+
+
+def test_cli_bad_arguments_exit_2_with_one_line(capsys, tmp_path):
+    assert figures.main(["--only", "nope", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown notebook 'nope'" in err[0] and "Traceback" not in err[0]
+    assert figures.main(["--only", "01", "-p", "bogus=1", "--out", str(tmp_path)]) == 2
+    assert "no parameter 'bogus'" in capsys.readouterr().err
+    assert figures.main(["--device", "tpu", "--out", str(tmp_path)]) == 2
+
+
+def test_missing_papermill_names_the_extra(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "papermill", None)  # import papermill -> ImportError
+    with pytest.raises(figures.MissingExtraError, match=r"reflora-analysis\[notebooks\]"):
+        figures.run_notebooks(["01"], out=tmp_path, progress=False)
+    assert figures.main(["--only", "01", "--out", str(tmp_path)]) == 2
+    assert "pip install 'reflora-analysis[notebooks]'" in capsys.readouterr().err
+
+
+# --- runner: a failing notebook keeps the previous figures (issue 7) -----------------
+
+def _toy_notebook(directory: Path) -> None:
+    """A two-cell notebook: writes a PNG, then fails when asked to."""
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell(
+        'quick = False\ndevice = "cpu"\nseeds = [0]\nsteps = 1\nout_dir = "out"\nfail = False')
+    params.metadata["tags"] = ["parameters"]
+    body = nbformat.v4.new_code_cell(
+        "import pathlib, matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\n"
+        "from reflora_analysis.plotting import save_figure\n"
+        "fig, ax = plt.subplots(); ax.plot([0, steps], [0, 1])\n"
+        "save_figure(fig, pathlib.Path(out_dir) / 'toy', {'caption': f'steps={steps}'})\n"
+        "if fail:\n    raise RuntimeError('asked to fail')\n")
+    nb.cells = [params, body]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    directory.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, directory / "01_toy.ipynb")
+
+
+def test_failing_notebook_leaves_previous_figures_and_exits_nonzero(tmp_path, capsys):
+    nbdir, out = tmp_path / "nbs", tmp_path / "figs"
+    _toy_notebook(nbdir)
+    report = figures.run_notebooks(None, out=out, notebook_dir=nbdir, progress=False)
+    assert report["01_toy"]["status"] == "ok"
+    png = out / "01_toy" / "toy.png"
+    before = png.read_bytes()
+    assert (out / "01_toy" / "01_toy.ipynb").exists(), "executed notebook kept next to figures"
+    assert "01_toy/toy.png" in (out / "index.md").read_text()
+
+    report = figures.run_notebooks(None, out=out, notebook_dir=nbdir, progress=False,
+                                   params_override={"fail": True, "steps": 5})
+    entry = report["01_toy"]
+    assert entry["status"] == "failed" and entry["kept_previous"]
+    assert entry["error"]["ename"] == "RuntimeError" and "asked to fail" in entry["error"]["evalue"]
+    # index in the executed notebook: parameters (0), papermill's injected parameters (1), body (2)
+    assert entry["error"]["cell_index"] == 2
+    assert png.read_bytes() == before, "the previous figure must survive a failed run"
+    assert json.loads((out / "01_toy" / "figures.json").read_text())["toy"]["caption"] == "steps=1"
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary dirs cleaned up"
+    assert "Last run failed" in (out / "index.md").read_text()
+
+    code = figures.main(["--notebooks", str(nbdir), "--out", str(out), "-p", "fail=True"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "01_toy" in captured.err and "RuntimeError: asked to fail" in captured.out
+    assert "previous figures left in place" in captured.out
+
+
+# --- Jupyter ----------------------------------------------------------------------------
+
+def test_kernel_starts_and_runs_the_first_cell_of_a_notebook():
+    from jupyter_client import KernelManager
+
+    nb = nbformat.read(NOTEBOOKS / f"{STEMS[0]}.ipynb", as_version=4)
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    km = KernelManager(kernel_name="python3")
+    km.start_kernel(cwd=str(NOTEBOOKS))
+    try:
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        reply = kc.execute_interactive(first.source + "\nprint(sorted(dir()))", timeout=60)
+        assert reply["content"]["status"] == "ok", reply["content"]
+        kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
+
+
+def test_jupyter_lab_runs():
+    jupyter = Path(sys.executable).with_name("jupyter")
+    cmd = [str(jupyter), "lab", "--version"] if jupyter.exists() else [sys.executable, "-m", "jupyterlab", "--version"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()[0].isdigit()
+
+
+# --- plotting helpers --------------------------------------------------------------------
+
+def test_one_distinct_colour_per_method_and_stable_for_others():
+    methods = _methods()
+    assert methods <= set(plotting.METHOD_COLORS)
+    colours = [plotting.method_color(m) for m in methods]
+    assert len(set(colours)) == len(colours)
+    assert plotting.method_color("my-method") == plotting.method_color("my-method")
+    with pytest.raises(TypeError):
+        plotting.method_color("")
+
+
+def test_save_figure_is_byte_stable_with_source_date_epoch(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    plotting.apply_style()
+    blobs = []
+    for i in range(2):
+        fig, ax = plt.subplots()
+        ax.plot([1, 2, 3], [1, 4, 9], color=plotting.method_color("reflora"))
+        paths = plotting.save_figure(fig, tmp_path / f"f{i}", {"caption": "c", "title": "t"})
+        plt.close(fig)
+        blobs.append((Path(paths["png"]).read_bytes(), Path(paths["pdf"]).read_bytes()))
+    assert blobs[0] == blobs[1]
+    assert b"CreationDate" in blobs[0][1] and b"20231114" in blobs[0][1]
+    manifest = json.loads((tmp_path / "figures.json").read_text())
+    assert set(manifest) == {"f0", "f1"} and manifest["f0"]["caption"] == "c"
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# --- the six notebooks, executed with tiny parameters ------------------------------------
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _finite(value: str) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+def _check_series(path: Path, column: str, methods: set[str], *, key: str = "method",
+                  require_all_finite: bool = False) -> list[dict]:
+    rows = _read_csv(path)
+    assert rows, f"{path.name} is empty"
+    seen = {r[key] for r in rows}
+    assert seen == methods, f"{path.name}: series {sorted(seen)} != methods {sorted(methods)}"
+    for m in methods:
+        vals = [r[column] for r in rows if r[key] == m]
+        ok = [_finite(v) for v in vals]
+        assert all(ok) if require_all_finite else any(ok), f"{path.name}: {m} {column} not finite"
+    return rows
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("figures")
+    # two worker processes (the parallel path of the runner); 06 runs alone afterwards
+    report = figures.run_notebooks(None, quick=True, out=out, params_override=TINY,
+                                   progress=False, threads=1, jobs=2)
+    failed = {s: r["error"] for s, r in report.items() if r["status"] != "ok"}
+    assert not failed, f"notebooks failed: {failed}"
+    return out, report
+
+
+@pytest.mark.slow
+def test_every_notebook_writes_figures_data_and_params(executed):
+    out, report = executed
+    methods = _methods()
+    expected_pngs = {
+        "01_matrix_factorization": {"mf_loss", "mf_balance"},
+        "02_upper_bounds": {"bounds_vs_step_size", "bound_tightness"},
+        "03_consistency_balance": {"consistency", "balance_trajectories"},
+        "04_sharpness_landscape": {"sharpness", "landscape"},
+        "05_real_model_convergence": {"convergence"},
+        "06_overhead": {"overhead"},
+    }
+    for stem, stems in expected_pngs.items():
+        d = out / stem
+        for name in stems:
+            for ext in ("png", "pdf"):
+                f = d / f"{name}.{ext}"
+                assert f.exists() and f.stat().st_size > 1000, f"{stem}: missing {f.name}"
+        params = json.loads((d / "params.json").read_text())
+        assert params["parameters"]["quick"] is True
+        assert params["seeds"] and params["versions"]["torch"] and params["machine"]["cpu_count"]
+        assert (d / f"{stem}.ipynb").exists(), f"{stem}: executed notebook not kept"
+
+    # one series per method, finite numbers
+    rows = _check_series(out / "01_matrix_factorization" / "mf_runs.csv", "loss", methods)
+    assert {float(r["lr"]) for r in rows} == {0.01, 0.03}
+    for stem_file, col in (("02_upper_bounds/bound_scan.csv", "U_relaxed"),
+                           ("02_upper_bounds/bound_tightness.csv", "U_exact")):
+        _check_series(out / stem_file, col, {"lora", "reflora"}, require_all_finite=True)
+    cons = _check_series(out / "03_consistency_balance" / "consistency.csv", "score", methods,
+                         require_all_finite=True)
+    score = {r["method"]: float(r["score"]) for r in cons}
+    assert score["reflora"] < 1e-10 < 1e-3 < score["lora"]  # F6 shows through the notebook
+    _check_series(out / "03_consistency_balance" / "balance_mf.csv", "balance_gap", methods,
+                  require_all_finite=True)
+    sharp_methods = set(figures.notebook_parameters("04_sharpness_landscape")["methods"])
+    assert {"lora", "reflora"} <= sharp_methods
+    _check_series(out / "04_sharpness_landscape" / "sharpness.csv", "top_eigenvalue",
+                  sharp_methods, require_all_finite=True)
+    _check_series(out / "04_sharpness_landscape" / "landscape_1d.csv", "loss",
+                  sharp_methods, require_all_finite=True)
+    conv = _check_series(out / "05_real_model_convergence" / "convergence.csv", "loss",
+                         {"lora", "reflora"}, require_all_finite=True)
+    assert {r["seed"] for r in conv} == {"0", "1"}
+    acc = _check_series(out / "05_real_model_convergence" / "accuracy.csv", "final_accuracy",
+                        {"lora", "reflora"}, require_all_finite=True)
+    assert all(0.0 <= float(r["final_accuracy"]) <= 1.0 for r in acc)
+    ovh = _check_series(out / "06_overhead" / "overhead.csv", "seconds_per_step",
+                        {"lora", "reflora-s"}, require_all_finite=True)
+    assert all(float(r["seconds_per_step"]) > 0 for r in ovh)
+
+
+@pytest.mark.slow
+def test_index_lists_every_figure_with_parameters(executed):
+    out, _ = executed
+    index = (out / "index.md").read_text()
+    pngs = sorted(p.relative_to(out).as_posix() for p in out.glob("*/*.png"))
+    assert len(pngs) >= 9
+    for rel in pngs:
+        assert f"]({rel})" in index, f"index.md does not link {rel}"
+    assert "`quick=True`" in index and "seeds:" in index
