@@ -787,7 +787,8 @@ def measure_overhead(method: str, *, task: str = "nlu-minilm", optimizer: str = 
     The loop is :func:`reflora_analysis.train.run`'s own step (forward, backward, the
     method's ``optimizer.step()`` with its hooks, ``zero_grad``) on the task's batches,
     built by :func:`reflora_analysis.methods.build_optimizer`; ``warmup`` steps first
-    (lazy optimizer state, allocator warm-up), then ``steps`` timed steps, from a point past
+    (lazy optimizer state, allocator warm-up; the CPU memory reading), then ``steps`` timed
+    steps, from a point past
     PEFT's zero start (:func:`_leave_zero_start`). Reported time:
     the median per-step wall time (CUDA: synchronised).
 
@@ -804,6 +805,9 @@ def measure_overhead(method: str, *, task: str = "nlu-minilm", optimizer: str = 
     from .tasks import make_task
     from .train import seed_everything
 
+    if int(warmup) < 1 or int(steps) < 1:
+        raise ValueError(f"overhead needs warmup >= 1 (the memory reading) and steps >= 1, "
+                         f"got warmup={warmup}, steps={steps}")
     seed_everything(seed)
     t = make_task(task, seed=seed, device=device, quick=quick, **dict(task_overrides or {}))
     if lr is None:
@@ -829,17 +833,21 @@ def measure_overhead(method: str, *, task: str = "nlu-minilm", optimizer: str = 
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    times = []
+    # Memory is read over the untimed warm-up steps (they allocate everything a step needs,
+    # lazily created optimizer state included); time over the others, with the RSS sampler
+    # stopped: its 2 ms wake-ups compete for the GIL with the Python side of every method's
+    # hooks and made 20-step timings vary by about 20 %.
     with (_PeakRSS() if not cuda else contextlib.nullcontext()) as peak_rss:
         base_rss = _rss_bytes()
-        for i, batch in enumerate(batches):
-            start = time.perf_counter()
+        for batch in batches[:warmup]:
             loss = step(batch)
-            if cuda:
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            if i >= warmup:
-                times.append(elapsed)
+    times = []
+    for batch in batches[warmup:]:
+        start = time.perf_counter()
+        loss = step(batch)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
         memory_kind = "cuda max_memory_allocated - allocated before step 1"
