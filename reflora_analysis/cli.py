@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float, help="step size (default: the task's)")
     p.add_argument("--checkpoint", type=_existing_path, help="a run's .ckpt.pt to load weights from")
     p.add_argument("--step", type=_int_at_least(0), default=None, help="batch index (default: checkpoint step or 0)")
+    p.add_argument("--hparam", dest="hparams", action="append", type=_parse_setting, default=[],
+                   metavar="KEY=VALUE", help="the run's method hyper-parameters (e.g. warmup_steps=100), "
+                   "so that a step inside the warm-up is probed as the plain LoRA step it is")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     f = sub.add_parser("figures", help="regenerate figures (delegates to reflora_analysis.figures)",
@@ -226,6 +229,7 @@ def _cmd_probe(args) -> int:
     from . import train
     from .checkpoint import load_checkpoint, load_trainable_state
     from .probes import ProbeContext, make_probes
+    from .refactor import is_active_step
     _check_names(args, need_method=True)
     train.resolve_device(args.device)
     train.seed_everything(args.seed)
@@ -238,8 +242,10 @@ def _cmd_probe(args) -> int:
     if args.step is not None:
         step = args.step
     lr = args.lr if args.lr is not None else float(task.default_lr[args.optimizer])
+    hparams = dict(args.hparams)
+    active = is_active_step(step, int(hparams.get("warmup_steps", 0)), int(hparams.get("interval", 1)))
     ctx = ProbeContext(task=task, method=args.method, optimizer=args.optimizer, lr=lr, step=step,
-                       batch=task.batch(step))
+                       batch=task.batch(step), hparams=hparams, active=active)
     values: dict = {"task": args.task, "method": args.method, "step": step}
     for probe in make_probes(args.probe):
         for key, value in probe(ctx).items():

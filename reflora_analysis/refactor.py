@@ -56,6 +56,7 @@ __all__ = [
     "PairTransform",
     "Refactorer",
     "check_finite_grads",
+    "is_active_step",
     "reference_preconditioners",
     "reference_pre_step",
 ]
@@ -71,6 +72,13 @@ VALID_METHODS = ("reflora", "reflora-s", "balance")
 # Adam-like state entries and the power of the gradient scale they carry: a coordinate
 # change that multiplies a gradient by p multiplies these entries by p ** power.
 _MOMENT_POWERS = {"exp_avg": 1, "momentum_buffer": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
+
+
+def is_active_step(step: int, warmup_steps: int = 0, interval: int = 1) -> bool:
+    """The schedule of every :class:`PairTransform`: step ``k`` is transformed when
+    ``k >= warmup_steps`` and ``(k - warmup_steps) % interval == 0``."""
+    k = step - warmup_steps
+    return k >= 0 and k % interval == 0
 
 
 class NonFiniteGradientError(ValueError):
@@ -158,8 +166,7 @@ class PairTransform:
     # -- schedule -------------------------------------------------------------------------
     def is_active(self) -> bool:
         """Whether the coming step (index :attr:`step_count`) is transformed."""
-        k = self.step_count - self.warmup_steps
-        return k >= 0 and k % self.interval == 0
+        return is_active_step(self.step_count, self.warmup_steps, self.interval)
 
     # -- hooks to override ----------------------------------------------------------------
     def pre_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -187,3 +187,19 @@ def test_console_script_end_to_end(tmp_path):
     assert good.returncode == 0, good.stderr
     assert "Traceback" not in good.stderr, good.stderr
     assert [r["step"] for r in read_json_lines(out)] == [0, 1, 2, 3]
+
+
+def test_probe_command_honours_the_runs_warmup(capsys):
+    # Inside RefLoRA's warm-up the step taken is plain LoRA's, so the consistency probe
+    # must score LoRA (clearly non-zero spread), and after it RefLoRA (~1e-15).
+    def consistency(*extra):
+        status, out, err = run_cli(capsys, "probe", "--task", "mf", "--probe", "consistency",
+                                   "--method", "reflora", "--json", *extra)
+        assert status == 0, err
+        return json.loads(out)
+
+    inside = consistency("--step", "2", "--hparam", "warmup_steps=5")
+    after = consistency("--step", "5", "--hparam", "warmup_steps=5")
+    assert inside["consistency/method_active"] == 0 and after["consistency/method_active"] == 1
+    # tolerances: LoRA's spread on mf is O(1); RefLoRA's is float64 round-off (F6)
+    assert inside["consistency/score"] > 1e-2 and after["consistency/score"] < 1e-8
