@@ -863,6 +863,69 @@ def measure_overhead(method: str, *, task: str = "nlu-minilm", optimizer: str = 
             "final_loss": _float(loss.detach())}
 
 
+def interleaved_step_times(methods: Sequence[str], *, task: str = "nlu-minilm",
+                           optimizer: str = "adamw", steps: int = 20, warmup: int = 3,
+                           seed: int = 0, device: str = "cpu", lr: float | None = None,
+                           quick: bool = False,
+                           task_overrides: Mapping[str, Any] | None = None) -> dict[str, list[float]]:
+    r"""Seconds per training step of every method, measured round-robin in this process.
+
+    One model, one batch, one optimizer per method (built by
+    :func:`reflora_analysis.methods.build_optimizer`; each keeps its own state and hooks).
+    Each round steps every method once, in an order rotated from round to round, after
+    restoring the trainable weights to the same starting point (past PEFT's zero start,
+    :func:`_leave_zero_start`). Machine noise (other processes, frequency changes) then
+    falls on all methods alike, which separate processes cannot ensure: there, 20-step
+    medians of identical work differed by up to 20 %. The first ``warmup`` rounds are
+    not timed. Returns ``{method: [seconds per timed step]}``.
+    """
+    from .methods import build_optimizer
+    from .pairs import NoLoraLayersError
+    from .tasks import make_task
+    from .train import seed_everything
+
+    seed_everything(seed)
+    t = make_task(task, seed=seed, device=device, quick=quick, **dict(task_overrides or {}))
+    if lr is None:
+        lr = float(t.default_lr[optimizer])
+    _leave_zero_start(t, seed)
+    trainable = [p for p in t.model.parameters() if p.requires_grad]
+    start = [p.detach().clone() for p in trainable]
+
+    def restore():
+        with torch.no_grad():
+            for p, p0 in zip(trainable, start):
+                p.copy_(p0)
+
+    optimizers = {}
+    for method in methods:
+        restore()
+        try:
+            optimizers[method] = build_optimizer(method, t.model, optimizer=optimizer, lr=lr)
+        except NoLoraLayersError:  # plain-torch pairs (mf, ...), as train.run passes them
+            optimizers[method] = build_optimizer(method, t.model, optimizer=optimizer, lr=lr,
+                                                 pairs=t.pairs)
+    cuda = str(device).startswith("cuda")
+    batch = t.batch(0)
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for round_index in range(int(warmup) + int(steps)):
+        shift = round_index % len(methods)
+        for method in list(methods[shift:]) + list(methods[:shift]):
+            opt, _ = optimizers[method]
+            restore()
+            if cuda:
+                torch.cuda.synchronize()
+            begin = time.perf_counter()
+            t.loss(batch).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.synchronize()
+            if round_index >= warmup:
+                times[method].append(time.perf_counter() - begin)
+    return times
+
+
 def _overhead_worker(queue, kwargs):  # pragma: no cover - runs in a child process
     try:
         threads = os.environ.get("REFLORA_NUM_THREADS")
@@ -895,8 +958,13 @@ def overhead_experiment(methods: Sequence[str] | None = None, *, task: str = "nl
                         optimizer: str = "adamw", steps: int = 20, warmup: int = 3,
                         repeats: int = 1, seed: int = 0, device: str = "cpu",
                         isolate: bool = True, out_dir=None, quick: bool = False,
-                        task_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                        task_overrides: Mapping[str, Any] | None = None,
+                        interleave: bool = True) -> dict[str, Any]:
     r"""Time per step and peak memory of every method on the same model and batches.
+
+    With ``interleave`` (default) the reported time is the median of
+    :func:`interleaved_step_times` (all methods round-robin in this process, the same
+    weights and batch every time); the per-method processes then serve the memory reading.
 
     Each method is measured by :func:`measure_overhead`, in a fresh process when ``isolate``
     (:func:`_isolation_context`; so peak-memory readings do not depend on the order of
@@ -932,26 +1000,33 @@ def overhead_experiment(methods: Sequence[str] | None = None, *, task: str = "nl
                 per_method[method].append(payload)
             else:
                 errors[method] = payload
+    measured = [m for m in methods if per_method[m]]
+    interleaved = (interleaved_step_times(measured, **kwargs_base)
+                   if interleave and measured else {})
     results = []
     for method in methods:
         reps = per_method[method]
         if not reps:
             continue
-        # best of the repeats (timeit's convention: other load only ever adds time)
-        sec = min(r["seconds_per_step"] for r in reps)
+        if interleave:  # round-robin in one process: noise falls on every method alike
+            sec = statistics.median(interleaved[method])
+        else:  # best of the repeats (timeit's convention: other load only ever adds time)
+            sec = min(r["seconds_per_step"] for r in reps)
         mem = statistics.median(r["peak_memory_mb"] for r in reps)
         results.append({"method": method, "seconds_per_step": sec, "steps_per_second": 1 / sec,
                         "peak_memory_mb": mem, "repeats": len(reps),
                         "memory_kind": reps[0]["memory_kind"],
                         "lora_parameter_mb": reps[0]["lora_parameter_mb"],
-                        "seconds_all": [s for r in reps for s in r["seconds_all"]]})
+                        "seconds_all": (interleaved[method] if interleave else
+                                        [s for r in reps for s in r["seconds_all"]])})
     if not results:
         raise RuntimeError("no method could be measured: " +
                            "; ".join(f"{m}: {e}" for m, e in errors.items()))
     base = next((r for r in results if r["method"] == "lora"), None)
     relative = {r["method"]: r["seconds_per_step"] / base["seconds_per_step"] for r in results} if base else {}
     data = {"task": task, "optimizer": optimizer, "steps": steps, "warmup": warmup,
-            "isolate": isolate, "machine": machine_info(device), "results": results,
+            "isolate": isolate, "interleave": interleave, "machine": machine_info(device),
+            "results": results,
             "relative_time": relative, "errors": errors}
     if out_dir is not None:
         out = Path(out_dir)

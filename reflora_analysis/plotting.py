@@ -815,7 +815,9 @@ def plot_overhead(data: Mapping[str, Any]):
     steps = data.get("steps")
     fig.suptitle(f"Overhead per method, {data.get('task')} + {data.get('optimizer')}, "
                  f"on {machine.get('device_name', '?')}\n"
-                 f"median of {steps} steps; short runs on a shared CPU vary by about 20% "
-                 "(see benchmarks/RESULTS.md)", fontsize=8)
+                 + (f"median of {steps} steps, methods interleaved round-robin on the same weights"
+                    if data.get("interleave") else
+                    f"median of {steps} steps per process; short runs vary by about 20%"),
+                 fontsize=8)
     fig.tight_layout()
     return fig
