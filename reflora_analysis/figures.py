@@ -89,6 +89,9 @@ class MissingExtraError(ImportError):
     """An optional dependency of the notebooks extra is not installed."""
 
 
+_ERROR_PREFIX = "reflora-analysis: error: "  # the CLI's one-line error format
+
+
 def _import_papermill():
     try:
         import papermill  # noqa: F401
@@ -503,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.device.startswith("cuda"):
             import torch
             if not torch.cuda.is_available():
-                print("error: --device cuda asked for, but no CUDA device is available",
+                print(f"{_ERROR_PREFIX}--device cuda asked for, but no CUDA device is available",
                       file=sys.stderr)
                 return 2
         started = time.perf_counter()
@@ -513,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                jobs=args.jobs)
     except (MissingExtraError, NotebookParameterError, ValueError, TypeError,
             FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{_ERROR_PREFIX}{exc}", file=sys.stderr)
         return 2
     total = time.perf_counter() - started
     failed = [s for s, r in report.items() if r["status"] != "ok"]
@@ -530,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{e['evalue']} ({prev}; executed notebook: {e.get('notebook')})")
     print(f"total {total:.1f} s; index: {Path(args.out) / 'index.md'}")
     if failed:
-        print(f"error: {len(failed)} notebook(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"{_ERROR_PREFIX}{len(failed)} notebook(s) failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
 

@@ -158,6 +158,11 @@ MF_DEFAULTS = dict(m=30, n=20, rank=4, target_rank=4, sigma_max=12.0, condition=
 MF_DEFAULT_LR = {"sgd": 0.01, "adamw": 0.05}
 
 
+def _relative_error(W, target):
+    """``||W - target||_F / ||target||_F``, the recovery metric of the single-layer tasks."""
+    return torch.linalg.matrix_norm(W - target) / torch.linalg.matrix_norm(target)
+
+
 def make_mf(*, seed: int = 0, device="cpu", quick: bool = False, **overrides) -> Task:
     """``min 1/2 ||A B^T - Y||_F^2`` (the paper's matrix factorization); see the module docstring.
 
@@ -174,7 +179,7 @@ def make_mf(*, seed: int = 0, device="cpu", quick: bool = False, **overrides) ->
         return 0.5 * (W - t["Y"]).square().sum()
 
     def evaluate_in_W(W, t):
-        return {"relative_error": torch.linalg.matrix_norm(W - t["Y"]) / torch.linalg.matrix_norm(t["Y"]),
+        return {"relative_error": _relative_error(W, t["Y"]),
                 "loss": loss_in_W(W, t)}
 
     desc = (f"Matrix factorization 1/2||A B^T - Y||_F^2 (paper Fig. 1): m={m}, n={n}, r={rank}, "
@@ -209,7 +214,7 @@ def make_sensing(*, seed: int = 0, device="cpu", quick: bool = False, **override
         return 0.5 * residual.square().mean()
 
     def evaluate_in_W(W, t):
-        return {"relative_error": torch.linalg.matrix_norm(W - t["W_star"]) / torch.linalg.matrix_norm(t["W_star"]),
+        return {"relative_error": _relative_error(W, t["W_star"]),
                 "loss": loss_in_W(W, t)}
 
     desc = (f"Matrix sensing from N={N} Gaussian measurements y_i=<X_i, W*>, W* of rank {target_rank} "
