@@ -14,6 +14,18 @@ Two guarantees, used by training, figures and indexes alike:
   (a kill in the middle of a write) by ignoring it, and :func:`truncate_json_lines`
   rewrites a log atomically keeping only the lines a predicate accepts (used on resume).
 
+Two conventions make the files portable and stable:
+
+* **Standard JSON.** Non-finite floats (a diverged loss) are written as the strings
+  ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (:data:`NONFINITE_STRINGS`), so strict parsers
+  (``jq``, JavaScript, ``json.loads(..., parse_constant=...)`` with rejection) read every file;
+  :func:`read_json`, :func:`read_json_lines` and :func:`decode_nonfinite` turn them back into
+  floats, and also read older files that hold bare ``NaN`` / ``Infinity``.
+* **Stable data files.** :func:`atomic_write_json` and :func:`write_csv_atomic` round floats to
+  :data:`DATA_SIGNIFICANT_DIGITS` significant digits, so an unchanged result re-computed with a
+  different summation order (threads, BLAS kernels) is an unchanged file. Training logs
+  (:class:`JsonLinesWriter`) keep full precision: resuming is checked bit for bit.
+
 Example
 -------
 >>> import tempfile, pathlib
@@ -31,6 +43,7 @@ import csv
 import io
 import json
 import os
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -45,7 +58,20 @@ __all__ = [
     "read_json_lines",
     "truncate_json_lines",
     "to_jsonable",
+    "round_significant",
+    "decode_nonfinite",
+    "read_json",
+    "DATA_SIGNIFICANT_DIGITS",
+    "NONFINITE_STRINGS",
 ]
+
+# 10 significant digits: far below any tolerance a figure or a test reads (the smallest
+# quantities we plot, consistency spreads ~1e-15, keep 10 digits of their own), and far above
+# the 1e-16 relative noise of a different summation order, so reruns give identical files.
+DATA_SIGNIFICANT_DIGITS = 10
+
+NONFINITE_STRINGS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
 
 def _fsync_dir(directory: Path) -> None:
     """Make the rename itself durable; a no-op where directories cannot be opened (Windows)."""
@@ -102,47 +128,103 @@ def atomic_write_text(path, text: str) -> None:
     _atomic_write(path, lambda fh: fh.write(text), binary=False)
 
 
-def to_jsonable(value: Any) -> Any:
-    """Convert tensors, numpy scalars/arrays, paths and tuples to plain JSON values.
+def _encode_float(value: float, digits: int | None) -> float | str:
+    if not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    return round_significant(value, digits) if digits is not None else value
 
-    Non-finite floats stay floats and are written as ``NaN`` / ``Infinity`` / ``-Infinity``,
-    as Python's ``json`` module does (``json.loads`` and pandas read them back as floats), so
-    a diverged loss is plotted as a gap rather than breaking a reader with a string.
+
+def round_significant(value: float, digits: int = DATA_SIGNIFICANT_DIGITS) -> float:
+    """``value`` rounded to ``digits`` significant digits (non-finite values unchanged).
+
+    Decimal rounding through ``format(value, ".{digits}g")``: the result is the float nearest
+    to a ``digits``-digit decimal, so it prints as at most ``digits`` digits.
     """
-    if value is None or isinstance(value, (float, bool, int, str)):
+    if not math.isfinite(value) or value == 0:
         return value
+    return float(format(value, f".{digits}g"))
+
+
+def to_jsonable(value: Any, *, digits: int | None = None) -> Any:
+    """Convert tensors, numpy scalars/arrays, paths and tuples to plain, standard JSON values.
+
+    Non-finite floats become the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (standard
+    JSON has no such numbers; :func:`decode_nonfinite` reverses it). With ``digits``, finite
+    floats are rounded to that many significant digits (:func:`round_significant`).
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return _encode_float(value, digits)
     if isinstance(value, dict):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v, digits=digits) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [to_jsonable(v) for v in value]
+        return [to_jsonable(v, digits=digits) for v in value]
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     item = getattr(value, "item", None)  # torch / numpy scalars
     tolist = getattr(value, "tolist", None)
     if tolist is not None and getattr(value, "ndim", 0) > 0:
-        return to_jsonable(tolist())
+        return to_jsonable(tolist(), digits=digits)
     if item is not None:
-        return to_jsonable(item())
+        return to_jsonable(item(), digits=digits)
     if type(value).__module__.startswith("torch"):  # torch.dtype, torch.device
         return str(value)
     raise TypeError(f"cannot convert {type(value).__name__} to JSON")
 
 
-def _dumps(obj: Any, indent: int | None) -> str:
-    return json.dumps(to_jsonable(obj), indent=indent, allow_nan=True, sort_keys=False)
+def decode_nonfinite(value: Any) -> Any:
+    """Inverse of the non-finite encoding: ``"NaN"``/``"Infinity"``/``"-Infinity"`` -> floats."""
+    if isinstance(value, str):
+        return NONFINITE_STRINGS.get(value, value)
+    if isinstance(value, dict):
+        return {k: decode_nonfinite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [decode_nonfinite(v) for v in value]
+    return value
 
 
-def atomic_write_json(path, obj: Any, *, indent: int | None = 2) -> None:
-    """Write ``obj`` as JSON (see :func:`to_jsonable`) to ``path`` atomically."""
-    text = _dumps(obj, indent) + "\n"  # serialise first: a bad object never touches the file
+def _dumps(obj: Any, indent: int | None, digits: int | None = None) -> str:
+    # allow_nan=False: a non-finite float that escaped the encoding is a bug, not a file
+    return json.dumps(to_jsonable(obj, digits=digits), indent=indent, allow_nan=False,
+                      sort_keys=False)
+
+
+def _loads(text: str) -> Any:
+    return decode_nonfinite(json.loads(text))  # json.loads also reads old bare NaN/Infinity
+
+
+def read_json(path) -> Any:
+    """Read a JSON file written by this module (or an older one with bare ``NaN``)."""
+    return _loads(Path(path).read_text(encoding="utf-8"))
+
+
+def atomic_write_json(path, obj: Any, *, indent: int | None = 2,
+                      digits: int | None = DATA_SIGNIFICANT_DIGITS) -> None:
+    """Write ``obj`` as standard JSON (see :func:`to_jsonable`) to ``path`` atomically.
+
+    Floats are rounded to ``digits`` significant digits (``None``: full precision).
+    """
+    text = _dumps(obj, indent, digits) + "\n"  # serialise first: a bad object never touches the file
     atomic_write_text(path, text)
 
 
-def write_csv_atomic(path, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def _csv_field(value: Any, digits: int | None) -> Any:
+    if getattr(value, "ndim", None) == 0:  # torch / numpy scalars
+        value = value.item()
+    if isinstance(value, float):  # CSV keeps nan / inf as the words pandas and numpy read
+        return round_significant(value, digits) if digits is not None else value
+    if isinstance(value, str):
+        return value
+    return to_jsonable(value, digits=digits)
+
+
+def write_csv_atomic(path, header: Sequence[str], rows: Iterable[Sequence[Any]], *,
+                     digits: int | None = DATA_SIGNIFICANT_DIGITS) -> None:
     """Write a CSV file (``header`` then ``rows``) atomically.
 
     Every row must have ``len(header)`` fields; a bad row raises ``ValueError`` and leaves
-    any existing file unchanged.
+    any existing file unchanged. Floats are rounded to ``digits`` significant digits.
     """
     header = list(header)
     if not header:
@@ -154,7 +236,7 @@ def write_csv_atomic(path, header: Sequence[str], rows: Iterable[Sequence[Any]])
         row = list(row)
         if len(row) != len(header):
             raise ValueError(f"write_csv_atomic: row {i} has {len(row)} fields, header has {len(header)}")
-        writer.writerow([to_jsonable(v) if not isinstance(v, str) else v for v in row])
+        writer.writerow([_csv_field(v, digits) for v in row])
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -255,7 +337,7 @@ def read_json_lines(path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            records.append(_loads(line))
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break  # the writer was killed mid-line

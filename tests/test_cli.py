@@ -124,9 +124,6 @@ BAD_INPUTS = [
     (["fly"], 2, "invalid choice: 'fly'"),
     (["probe", "--task", "mf", "--probe", "balance", "--checkpoint", "/no/ckpt.pt"], 2,
      "no such file or directory"),
-    # a diverging run is not bad input: status 1, still one line naming the step
-    (["train", "--task", "mf", "--method", "lora", "--lr", "0.03", "--steps", "50", "--out", "{out}"],
-     1, "loss is inf at step"),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((TRAIN + ["{out}", "--device", "cuda"], 2, "CUDA is not available"))
@@ -138,6 +135,36 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, capsys, argv, status,
     argv = [a.replace("{out}", str(tmp_path / "run.jsonl")) for a in argv]
     code, _, err = run_cli(capsys, *argv)
     assert_one_line_error(code, err, status, message)
+
+
+def test_a_diverging_run_is_one_line_naming_the_step(tmp_path, capsys):
+    """Not bad input: status 1, one line naming the first non-finite step.
+
+    What is machine-independent here is the mechanism, not the last bits: plain LoRA at 3x
+    mf's step size sits past its stability limit (curvature ||B||_2^2 ~ 170 > 2 / 0.03), and
+    the loss of a quartic problem then grows super-exponentially until it overflows. Whether
+    the overflow shows as Inf or as NaN (Inf - Inf), and at exactly which step, depends on the
+    BLAS and the CPU; so we assert the message's form, that every logged step before it is
+    finite, and the growth that explains it.
+    """
+    import re
+
+    out = tmp_path / "run.jsonl"
+    code, _, err = run_cli(capsys, "train", "--task", "mf", "--method", "lora", "--lr", "0.03",
+                           "--steps", "50", "--out", str(out), "--no-progress")
+    assert_one_line_error(code, err, 1, "at step")
+    match = re.search(r"loss is (nan|inf|-inf) at step (\d+) \(lora, sgd, lr=0\.03\)", err)
+    assert match, err
+    step = int(match.group(2))
+    assert 1 <= step <= 50
+    lines = read_json_lines(out)
+    finite = [r["loss"] for r in lines if r["step"] < step]
+    assert [r["step"] for r in lines][:step] == list(range(step))
+    assert all(v == v and abs(v) != float("inf") for v in finite)
+    # super-exponential growth before the overflow: each of the last 3 finite losses is more
+    # than 10x the previous one (measured ratios ~1e4..1e184), and far above the start
+    assert all(b > 10 * a for a, b in zip(finite[-4:], finite[-3:])), finite
+    assert finite[-1] > 1e6 * finite[0]
 
 
 def test_a_missing_optional_dependency_names_the_extra(tmp_path, capsys, monkeypatch):

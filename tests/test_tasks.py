@@ -123,13 +123,6 @@ def test_mf_picture_through_build_optimizer():
     assert min(results["lora"]) > 1e-1 * initial
 
 
-def test_mf_runs_fast():
-    import time
-    start = time.perf_counter()
-    _sgd_curve(make_task("mf").default_lr["sgd"], "reflora")
-    assert time.perf_counter() - start < 5.0  # the brief asks for well under 1 s; 5 s tolerates a loaded CI core
-
-
 # ---------------------------------------------------------------------------- single-layer maths
 
 
