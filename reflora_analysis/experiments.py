@@ -109,13 +109,51 @@ def _check_device(device: str) -> None:
     resolve_device(device)
 
 
+def repository_root() -> Path | None:
+    """The checkout this package runs from (a folder with ``pyproject.toml`` and ``notebooks/``
+    beside the package), or ``None`` for an installed, non-editable package."""
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "notebooks").is_dir():
+        return root
+    return None
+
+
+def resolve_out_dir(out_dir, notebook: str | None) -> Path:
+    """Where a notebook writes, independent of the folder it is executed from.
+
+    ``None``: ``$REFLORA_ANALYSIS_FIGURES/<notebook>`` when that variable is set, else
+    ``figures/<notebook>`` of the repository checkout. A relative path is relative to the
+    repository root (``"figures/01_matrix_factorization"``), never to the kernel's working
+    directory, so papermill or JupyterLab started from any folder writes to the same place.
+    Absolute paths are used as given.
+    """
+    if out_dir is not None and Path(out_dir).is_absolute():
+        return Path(out_dir)
+    env, root = os.environ.get("REFLORA_ANALYSIS_FIGURES"), repository_root()
+    if out_dir is None:
+        if not notebook:
+            raise ValueError("out_dir=None needs the notebook's name")
+        if env:
+            return Path(env).resolve() / notebook
+        if root:
+            return root / "figures" / notebook
+    elif root:
+        relative = Path(out_dir)
+        if relative.parts[:1] == ("..",):  # written from notebooks/: '../figures/...'
+            relative = Path(*relative.parts[1:])
+        return root / relative
+    raise ValueError("out_dir: pass an absolute path (an installed package has no repository "
+                     "figures/ folder), or set REFLORA_ANALYSIS_FIGURES")
+
+
 def setup_notebook(out_dir, parameters: Mapping[str, Any], *, seeds: Sequence[int],
                    device: str = "cpu", notebook: str | None = None) -> Path:
     """Prepare one notebook run: output directory, style, threads, ``params.json``.
 
     ``params.json`` holds the notebook's parameters (as executed, after the derived cell),
     the seeds, package versions and the machine. Torch threads come from
-    ``REFLORA_NUM_THREADS`` when the runner sets it. Raises ``ValueError`` for a CUDA device
+    ``REFLORA_NUM_THREADS`` when the runner sets it. ``out_dir`` is resolved by
+    :func:`resolve_out_dir` (``None``: the repository's ``figures/<notebook>``). Raises ``ValueError`` for a CUDA device
     on a machine without one, or for seeds that are not non-negative integers.
     """
     from .plotting import apply_style
@@ -127,7 +165,7 @@ def setup_notebook(out_dir, parameters: Mapping[str, Any], *, seeds: Sequence[in
     threads = os.environ.get("REFLORA_NUM_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-    out = Path(out_dir)
+    out = resolve_out_dir(out_dir, notebook)
     out.mkdir(parents=True, exist_ok=True)
     apply_style()
     atomic_write_json(out / "params.json", {
