@@ -177,11 +177,34 @@ def save_checkpoint(path, *, step: int, model: nn.Module, optimizer: torch.optim
     return ckpt
 
 
+def _why_unreadable(path: Path, exc: Exception) -> str:
+    """A short reason why ``torch.load`` could not read ``path`` (never torch's long
+    ``weights_only`` explanation)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as err:
+        return f"cannot read checkpoint: {err.strerror or err}"
+    if not head:
+        return "cannot read checkpoint: the file is empty"
+    # torch.save writes a zip archive (PK\x03\x04); the legacy format starts with a pickle
+    # protocol opcode (\x80)
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        return "cannot read checkpoint: not a file written by torch.save"
+    if "weights_only" in str(exc) or type(exc).__name__ == "UnpicklingError":
+        return ("cannot read checkpoint: a torch.save file holding objects other than tensors "
+                "and plain containers, which the safe loader refuses")
+    first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]  # its first sentence
+    first = first if len(first) <= 120 else first[:117] + "..."
+    return f"cannot read checkpoint: {type(exc).__name__}{': ' + first if first else ''}"
+
+
 def load_checkpoint(path) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` (safe ``weights_only`` loader).
 
     Raises ``FileNotFoundError`` if missing and ``ValueError`` if unreadable or of another
-    format.
+    format; the message is one line, ``not a reflora-analysis checkpoint: PATH (why)`` for a
+    file that is not one (a text or JSON file, another program's ``torch.save`` file).
     """
     path = Path(path)
     if not path.is_file():
@@ -189,13 +212,21 @@ def load_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a corrupt or foreign file
-        raise ValueError(f"cannot read checkpoint {path}: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("format"), int) \
-            or isinstance(ckpt.get("format"), bool):
-        raise ValueError(f"{path} is not a reflora-analysis checkpoint (format {FORMAT_VERSION})")
+        raise ValueError(f"not a reflora-analysis checkpoint: {path} "
+                         f"({_why_unreadable(path, exc)})") from exc
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"not a reflora-analysis checkpoint: {path} (a torch.save file holding "
+                         f"a {type(ckpt).__name__}, not a checkpoint dict)")
+    if not isinstance(ckpt.get("format"), int) or isinstance(ckpt.get("format"), bool):
+        raise ValueError(f"not a reflora-analysis checkpoint: {path} (a torch.save dict without "
+                         f"an integer 'format' entry; this reflora-analysis writes format "
+                         f"{FORMAT_VERSION})")
     if ckpt["format"] != FORMAT_VERSION:
         raise ValueError(f"checkpoint {path} has format {ckpt['format']}, this reflora-analysis "
                          f"reads format {FORMAT_VERSION} only; rerun without --resume (or with "
                          "another --out), or resume with the version that wrote it")
+    missing = [k for k in ("step", "trainable") if k not in ckpt]
+    if missing:
+        raise ValueError(f"not a reflora-analysis checkpoint: {path} (format {ckpt['format']} "
+                         f"but no {', '.join(map(repr, missing))} entry)")
     return ckpt

@@ -8,15 +8,23 @@ Examples
     reflora-analysis train --task mf --method lora --optimizer adamw --lr 0.05 --steps 200 \\
         --probe balance,consistency --probe-every 10 --checkpoint-every 50 --out run.jsonl
     reflora-analysis train ... --checkpoint-every 50 --resume --out run.jsonl   # after a kill
+    reflora-analysis train ... --overwrite --out run.jsonl     # replace an earlier run's log
+    reflora-analysis train --task seq-cls --set use_dora=true --method reflora --steps 50 --out dora.jsonl
     reflora-analysis train --task causal-lm --model /path/to/llama \\
         --data /path/to/commonsense_170k.json --method reflora --device cuda --bf16 --out llm.jsonl
     reflora-analysis probe --task mf --probe balance,bound --checkpoint run.ckpt.pt --json
+    reflora-analysis --version
     reflora-analysis figures --help
     reflora-analysis methods
     reflora-analysis tasks
 
-Bad input (unknown names, non-positive sizes or rates, missing files, a model without LoRA
-layers) exits with status 2 and one line ``reflora-analysis: error: ...`` on stderr; a run
+``probe --checkpoint`` assesses the method, optimizer, step size and hyper-parameters the
+checkpoint's run was trained with; ``--method`` and the others override them (a note says
+when ``--method`` differs from the checkpoint's).
+
+Bad input (unknown names, non-positive sizes or rates, missing files, a file that is not a
+checkpoint, a model without LoRA layers, an earlier run's ``--out`` without ``--resume`` or
+``--overwrite``) exits with status 2 and one line ``reflora-analysis: error: ...`` on stderr; a run
 stopped by a non-finite loss/gradient exits with status 1 and one such line (the JSON lines
 logged so far are kept). ``--debug`` re-raises with the full traceback.
 """
@@ -76,11 +84,20 @@ def _existing_path(text: str) -> str:
     return path
 
 
+#: words read as Python's None / True / False in ``--set`` and ``--hparam`` values, in any case
+#: (JSON's ``null``, ``true``, ``false`` and Python's spelling, so ``skip=None`` works as written)
+_WORDS = {"none": None, "null": None, "true": True, "false": False}
+
+
 def _parse_setting(text: str) -> tuple[str, object]:
-    """``key=value`` with the value read as JSON when possible (``3``, ``0.5``, ``true``), else a string."""
+    """``key=value``, the value read as JSON when possible (``3``, ``0.5``, ``[0.9, 0.99]``);
+    ``none``/``null``, ``true``/``false`` in any case -> None, True, False; else a string."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    word = raw.strip().lower()
+    if word in _WORDS:
+        return key.strip(), _WORDS[word]
     try:
         value = json.loads(raw)
     except json.JSONDecodeError:
@@ -103,11 +120,14 @@ def _add_task_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=_existing_path, help="local data file (HF tasks)")
     p.add_argument("--quick", action="store_true", help="task's small settings, same code path")
     p.add_argument("--set", dest="settings", action="append", type=_parse_setting, default=[],
-                   metavar="KEY=VALUE", help="task override, repeatable (e.g. --set rank=8)")
+                   metavar="KEY=VALUE", help="task option, repeatable (e.g. --set lora_r=4, "
+                   "--set use_dora=true); values are JSON, or none/true/false, or a string")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
     parser = _Parser(prog=PROG, description="LoRA vs RefLoRA: training, probes and figures.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -124,31 +144,45 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--log-every", type=_int_at_least(1), default=1)
     t.add_argument("--eval-every", type=_int_at_least(0), default=0, help="task.evaluate() interval (0: first/last)")
     t.add_argument("--checkpoint-every", type=_int_at_least(0), default=0)
-    t.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
+    existing = t.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="continue from the last checkpoint of --out")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace an existing --out log (and its meta/checkpoint) with a "
+                               "fresh run; without --resume or --overwrite an existing log is "
+                               "refused")
     t.add_argument("--skip-nonfinite", action="store_true", help="skip NaN/Inf steps instead of stopping")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast for forward passes")
     t.add_argument("--hparam", dest="hparams", action="append", type=_parse_setting, default=[],
-                   metavar="KEY=VALUE", help="method hyper-parameter, repeatable (e.g. --hparam damping=1e-6)")
+                   metavar="KEY=VALUE", help="method hyper-parameter, repeatable (e.g. --hparam "
+                   "damping=1e-6, --hparam skip=none); values as for --set")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("probe", help="run probes at a task's initial point or a checkpoint")
     _add_task_arguments(p)
     p.add_argument("--probe", required=True, help="comma-separated probe names")
-    p.add_argument("--method", default="lora", help="method whose update the probes assess")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    p.add_argument("--lr", type=_positive_float, help="step size (default: the task's)")
-    p.add_argument("--checkpoint", type=_existing_path, help="a run's .ckpt.pt to load weights from")
+    p.add_argument("--method", default=None,
+                   help="method whose update the probes assess (default: the checkpoint's "
+                        "method, else lora)")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), default=None,
+                   help="base optimizer (default: the checkpoint's, else sgd)")
+    p.add_argument("--lr", type=_positive_float,
+                   help="step size (default: the checkpoint's, else the task's)")
+    p.add_argument("--checkpoint", type=_existing_path,
+                   help="a run's .ckpt.pt: its weights, and the method, optimizer, lr and "
+                        "hyper-parameters it was trained with (unless given here)")
     p.add_argument("--step", type=_int_at_least(0), default=None, help="batch index (default: checkpoint step or 0)")
     p.add_argument("--hparam", dest="hparams", action="append", type=_parse_setting, default=[],
-                   metavar="KEY=VALUE", help="the run's method hyper-parameters (e.g. warmup_steps=100), "
-                   "so that a step inside the warm-up is probed as the plain LoRA step it is")
+                   metavar="KEY=VALUE", help="method hyper-parameters (e.g. warmup_steps=100), "
+                   "so that a step inside the warm-up is probed as the plain LoRA step it is; "
+                   "added to (and overriding) the checkpoint's")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     f = sub.add_parser("figures", help="regenerate figures (delegates to reflora_analysis.figures)",
                        add_help=False)
     f.add_argument("args", nargs=argparse.REMAINDER)
-    sub.add_parser("methods", help="list methods")
-    sub.add_parser("tasks", help="list tasks")
+    sub.add_parser("methods", help="list methods (name, invariance, paper)")
+    sub.add_parser("tasks", help="list tasks (name, summary)")
     return parser
 
 
@@ -195,6 +229,10 @@ def _cmd_train(args) -> int:
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     train.resolve_device(device)  # fail before building a large model
     out = Path(args.out)  # rank 0 writes it; other ranks only read its checkpoint on resume
+    if not args.resume and not args.overwrite:
+        # train.run refuses an earlier run's files too; asking here, before a (possibly
+        # large) model is built, makes the refusal immediate (every rank alike)
+        train._refuse_to_replace(out, ctx)
     probes = []
     if args.probe:
         from .probes import make_probes
@@ -207,7 +245,8 @@ def _cmd_train(args) -> int:
                         seed=args.seed, device=device, out=out, probes=probes,
                         probe_every=args.probe_every or 0, log_every=args.log_every,
                         eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                        resume=args.resume, skip_nonfinite=args.skip_nonfinite,
+                        resume=args.resume, overwrite=args.overwrite,
+                        skip_nonfinite=args.skip_nonfinite,
                         progress=not args.no_progress, autocast_bf16=args.bf16, **hparams)
     if ctx.rank == 0 and records:
         last = records[-1]
@@ -225,28 +264,58 @@ def _format_table(values: dict) -> str:
     return "\n".join(lines)
 
 
+def _probe_settings(args, identity: dict) -> tuple[str, str, float | None, dict]:
+    """``(method, optimizer, lr, hparams)`` the probes assess: what the command line says,
+    else what the checkpoint's run was trained with (``identity``), else lora/sgd/the task's lr.
+
+    The checkpoint's hyper-parameters belong to its method: they are dropped (with a note)
+    when ``--method`` names another one.
+    """
+    trained = identity.get("method") if isinstance(identity.get("method"), str) else None
+    method = args.method or trained or "lora"
+    optimizer = args.optimizer or identity.get("optimizer") or "sgd"
+    lr = args.lr if args.lr is not None else identity.get("lr")
+    hparams = dict(identity.get("hparams") or {}) if method == trained else {}
+    if trained is not None and args.method is not None and args.method != trained:
+        dropped = "; its hyper-parameters are not applied" if identity.get("hparams") else ""
+        print(f"{PROG}: note: probing method {args.method!r} (--method); the checkpoint was "
+              f"trained with {trained!r}{dropped}", file=sys.stderr)
+    hparams.update(args.hparams)
+    return method, optimizer, lr, hparams
+
+
 def _cmd_probe(args) -> int:
     from . import train
     from .checkpoint import load_checkpoint, load_trainable_state
     from .probes import ProbeContext, make_probes
     from .refactor import is_active_step
-    _check_names(args, need_method=True)
+    _check_names(args, need_method=args.method is not None)
     train.resolve_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None  # a wrong file: fail early
+    identity = (ckpt.get("identity") or {}) if ckpt is not None else {}
+    if identity.get("task") not in (None, args.task):
+        raise CliError(f"checkpoint {args.checkpoint} was trained on task {identity['task']!r}, "
+                       f"not {args.task!r}; pass --task {identity['task']}")
+    method, optimizer, lr, hparams = _probe_settings(args, identity)
+    if args.method is None and method != "lora":
+        from .methods import available_methods
+        if method not in available_methods():
+            raise CliError(f"checkpoint {args.checkpoint} was trained with method {method!r}, "
+                           "which this reflora-analysis does not know; pass --method")
     train.seed_everything(args.seed)
     task = _make_task(args, args.device)
     step = 0
-    if args.checkpoint:
-        ckpt = load_checkpoint(args.checkpoint)
+    if ckpt is not None:
         load_trainable_state(task.model, ckpt["trainable"])
         step = ckpt["step"]
     if args.step is not None:
         step = args.step
-    lr = args.lr if args.lr is not None else float(task.default_lr[args.optimizer])
-    hparams = dict(args.hparams)
+    lr = float(lr) if lr is not None else float(task.default_lr[optimizer])
     active = is_active_step(step, int(hparams.get("warmup_steps", 0)), int(hparams.get("interval", 1)))
-    ctx = ProbeContext(task=task, method=args.method, optimizer=args.optimizer, lr=lr, step=step,
+    ctx = ProbeContext(task=task, method=method, optimizer=optimizer, lr=lr, step=step,
                        batch=task.batch(step), hparams=hparams, active=active)
-    values: dict = {"task": args.task, "method": args.method, "step": step}
+    values: dict = {"task": args.task, "method": method, "optimizer": optimizer, "lr": lr,
+                    "step": step}
     for probe in make_probes(args.probe):
         for key, value in probe(ctx).items():
             values[key] = train._jsonable_scalar(value)
@@ -269,20 +338,30 @@ def _cmd_figures(args) -> int:
     return int(result or 0)
 
 
+def _columns(header: Sequence[str], rows: list[Sequence[str]]) -> str:
+    """Left-aligned columns under a header row; the last column is not padded."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [f"{str(c):<{w}}" for c, w in zip(row, widths)] + [str(row[-1])]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
 def _cmd_methods(args) -> int:
     from . import methods
     info = getattr(methods, "METHOD_INFO", {})
-    for name in methods.available_methods():
-        meta = info.get(name, {})
-        print(f"{name:<12} {meta.get('invariance', ''):<12} {meta.get('paper', '')}")
+    rows = [(name, info.get(name, {}).get("invariance", ""), info.get(name, {}).get("paper", ""))
+            for name in methods.available_methods()]
+    print(_columns(("METHOD", "INVARIANCE", "PAPER"), rows))
     return 0
 
 
 def _cmd_tasks(args) -> int:
     from . import tasks
     summaries = tasks.describe_tasks() if hasattr(tasks, "describe_tasks") else {}
-    for name in tasks.available_tasks():
-        print(f"{name:<20} {summaries.get(name, '')}")
+    rows = [(name, summaries.get(name, "")) for name in tasks.available_tasks()]
+    print(_columns(("TASK", "SUMMARY"), rows))
     return 0
 
 
@@ -347,8 +426,8 @@ def _report(exc: Exception) -> int:
         return _error(_one_line(exc), 2)
     if isinstance(exc, (TrainingDiverged, PoisonedCheckpointError)):
         return _error(_one_line(exc), 1)
-    if isinstance(exc, (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
-                        IsADirectoryError, PermissionError)):
+    if isinstance(exc, (ValueError, TypeError, FileNotFoundError, FileExistsError,
+                        NotADirectoryError, IsADirectoryError, PermissionError)):
         return _error(_one_line(exc), 2)
     return _error(f"unexpected {type(exc).__name__}: {_one_line(exc)} (rerun with --debug for the traceback)", 1)
 

@@ -234,6 +234,10 @@ class _Tolerant:
     def __init__(self, probe):
         self.probe, self.name = probe, probe.name
 
+    def check(self, task) -> None:
+        """Refuse a probe the task cannot support before step 0, as the bare probe does."""
+        self.probe.check(task)
+
     def __call__(self, ctx):
         try:
             return self.probe(ctx)

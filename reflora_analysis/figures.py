@@ -8,9 +8,12 @@ after the other, each into ``<out>/<notebook-stem>/`` next to its figures, data 
 Guarantees
 ----------
 * **Parameters are checked before anything runs.** Papermill only warns about a parameter
-  the notebook does not declare; here an unknown name, or a value whose type does not
-  match the notebook's default (``steps="10"``), is an error naming the notebook, the
-  parameter and the valid names (``papermill.inspect_notebook``).
+  the notebook does not declare; here a name no selected notebook declares, or a value
+  that does not fit the notebook's default (:data:`PARAMETER_RULE`: ``steps="10"``,
+  ``steps=5.5``, ``steps=-5``), is an error naming the notebook, the parameter and the
+  valid names (``papermill.inspect_notebook``). A ``{param: value}`` override goes to
+  every selected notebook that declares ``param`` (``--only 01 --only 02 -p n_etas=3``
+  sets ``n_etas`` of ``02`` only).
 * **A failed notebook never destroys the previous figures.** Each notebook executes into a
   fresh temporary directory under ``<out>``; only on success is it swapped in place of
   ``<out>/<stem>`` (two renames on one filesystem). On failure the previous directory is
@@ -25,10 +28,12 @@ Each notebook runs in its own Jupyter kernel (``kernel_name="python3"``, the int
 the caller's environment), with ``MPLBACKEND=Agg`` and the torch/OpenMP thread count set
 through the environment (``--threads``; default: all cores).
 
-Timing on a 2-core CPU (:data:`EXPECTED_MINUTES`), measured on an idle machine: ``--quick``
-for all six notebooks takes about 3 minutes one at a time and 2.5 minutes with ``--jobs 2``
-(up to 3x longer while other processes load the cores); the full mode (the notebooks'
-defaults) about 30 minutes, dominated by ``05`` (MiniLM, 8 methods x 3 seeds x 300 steps).
+Timing on a 2-core CPU: ``--quick`` for all six notebooks, one at a time, took 288 s
+(about 5 minutes, kernel start-ups included) on an idle machine, and up to 3x longer while
+other processes load the cores; the full mode (the notebooks' defaults) about 30 minutes,
+dominated by ``05`` (MiniLM, 8 methods x 3 seeds x 300 steps). The per-notebook values of
+:data:`EXPECTED_MINUTES` come from an earlier measurement; their quick sum (about 3
+minutes) is below that end-to-end time, so read them as relative costs.
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ from typing import Any, Mapping, Sequence
 __all__ = [
     "NOTEBOOK_DIR",
     "EXPECTED_MINUTES",
+    "QUICK_MINUTES_2_CORES",
+    "PARAMETER_RULE",
     "SERIAL_NOTEBOOKS",
     "NotebookParameterError",
     "MissingExtraError",
@@ -75,14 +82,28 @@ EXPECTED_MINUTES: dict[str, dict[str, float | None]] = {
     "06_overhead": {"quick": 0.9, "full_cpu": 3.0, "full_gpu": None},
 }
 
+#: wall-clock minutes of ``reflora-analysis figures --quick`` (all six notebooks, one at a
+#: time, kernel start-ups included) on 2 idle CPU cores: 288 s measured; ``--help`` says it
+QUICK_MINUTES_2_CORES = 5
+
 #: notebooks that measure time or memory: never run next to another notebook
 SERIAL_NOTEBOOKS = frozenset({"06_overhead"})
 
 EXTRA_HINT = "pip install 'reflora-analysis[notebooks]'"
 
 
+#: how an override is checked against the notebook's default (:func:`check_parameters`;
+#: also printed by ``--help``)
+PARAMETER_RULE = (
+    "each value must fit the notebook's default: same type (an int parameter takes only "
+    "integers; a float one takes any number); a number whose default is > 0 must be > 0 "
+    "(except warm-up lengths, names ending in 'warmup', which may be 0) and one whose "
+    "default is 0 must be >= 0; a list whose default is a non-empty list of numbers must be "
+    "a non-empty list of such numbers, each checked by the same rule")
+
+
 class NotebookParameterError(ValueError):
-    """A parameter override the notebook does not declare, or of the wrong type."""
+    """A parameter override the notebook does not declare, or that does not fit its default."""
 
 
 class MissingExtraError(ImportError):
@@ -156,39 +177,90 @@ def notebook_parameters(stem: str, notebook_dir=None) -> dict[str, Any]:
     return params
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _type_ok(default: Any, value: Any) -> bool:
-    """Is ``value`` acceptable where the notebook's default is ``default``?"""
+    """Is ``value`` of the type the notebook's default ``default`` has?"""
     if default is None or value is None:
         return True
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, (int, float)):
-        return isinstance(value, (int, float))  # 3 where 3.0 is expected is fine
+    if isinstance(default, int):
+        return isinstance(value, int)  # 5.5 (or 5.0) where an integer count is expected: no
+    if isinstance(default, float):
+        return _is_number(value)  # 3 where 3.0 is expected is fine
     if isinstance(default, (list, tuple)):
         return isinstance(value, (list, tuple))
     return isinstance(value, type(default))
 
 
-def check_parameters(stem: str, overrides: Mapping[str, Any], notebook_dir=None) -> None:
+def _number_problem(name: str, default: Any, value: Any) -> str | None:
+    """What is wrong with ``value`` where a number, ``default``, is expected
+    (:data:`PARAMETER_RULE`), or None."""
+    if isinstance(default, int) and not isinstance(value, int) or not _is_number(value):
+        kind = "an integer" if isinstance(default, int) else "a number"
+        return f"must be {kind} like its default {default!r}, got {type(value).__name__} {value!r}"
+    if default > 0 and name.endswith("warmup"):
+        if not value >= 0:
+            return f"must be >= 0 (a warm-up length), got {value!r}"
+    elif default > 0 and not value > 0:
+        return f"must be > 0 like its default {default!r}, got {value!r}"
+    elif default == 0 and not value >= 0:
+        return f"must be >= 0 like its default {default!r}, got {value!r}"
+    return None
+
+
+def _value_problem(name: str, default: Any, value: Any) -> str | None:
+    """Why ``value`` does not fit the notebook's ``default`` (:data:`PARAMETER_RULE`), or None."""
+    if not _type_ok(default, value):
+        return (f"must be {type(default).__name__} like its default {default!r}, "
+                f"got {type(value).__name__} {value!r}")
+    if value is None or default is None:
+        return None
+    if _is_number(default):
+        return _number_problem(name, default, value)
+    if isinstance(default, (list, tuple)) and default and all(map(_is_number, default)):
+        # items are held to the weakest bound among the default's items: [0, 1, 2] allows 0
+        weakest = min(default, key=lambda d: (d > 0, d))
+        if not all(isinstance(d, int) for d in default):
+            weakest = float(weakest)
+        if not value or any(_number_problem(name, weakest, item) for item in value):
+            kind = "integers" if isinstance(weakest, int) else "numbers"
+            if name.endswith("warmup") and weakest > 0 or weakest == 0:
+                kind += " >= 0"
+            elif weakest > 0:
+                kind += " > 0"
+            return f"must be a non-empty list of {kind} like its default {list(default)!r}, got {value!r}"
+    return None
+
+
+def check_parameters(stem: str, overrides: Mapping[str, Any], notebook_dir=None, *,
+                     declared: Mapping[str, Any] | None = None) -> None:
     """Raise :class:`NotebookParameterError` on a name the notebook does not declare or a
-    value whose type differs from the declared default's."""
-    declared = notebook_parameters(stem, notebook_dir)
+    value that does not fit the declared default (:data:`PARAMETER_RULE`).
+
+    ``declared``: the notebook's ``{name: default}`` if already read
+    (:func:`notebook_parameters`).
+    """
+    declared = notebook_parameters(stem, notebook_dir) if declared is None else declared
     unknown = sorted(set(overrides) - set(declared))
     if unknown:
         raise NotebookParameterError(
             f"notebook {stem} has no parameter {', '.join(map(repr, unknown))}; "
             f"valid: {', '.join(sorted(declared))}")
     for name, value in overrides.items():
-        if not _type_ok(declared[name], value):
-            raise NotebookParameterError(
-                f"notebook {stem}: parameter {name!r} must be "
-                f"{type(declared[name]).__name__} like its default {declared[name]!r}, "
-                f"got {type(value).__name__} {value!r}")
+        problem = _value_problem(name, declared[name], value)
+        if problem is not None:
+            raise NotebookParameterError(f"notebook {stem}: parameter {name!r} {problem}")
 
 
-def _split_overrides(stems: Sequence[str], params_override, notebook_dir) -> dict[str, dict]:
-    """Per-notebook overrides from either ``{param: value}`` (every selected notebook) or
-    ``{notebook: {param: value}}``."""
+def _split_overrides(stems: Sequence[str], params_override, notebook_dir,
+                     declared: Mapping[str, Mapping[str, Any]]) -> dict[str, dict]:
+    """Per-notebook overrides from either ``{param: value}`` (each selected notebook that
+    declares ``param``; a name none of them declares is an error) or
+    ``{notebook: {param: value}}`` (checked per notebook by :func:`check_parameters`)."""
     per_nb: dict[str, dict] = {s: {} for s in stems}
     if not params_override:
         return per_nb
@@ -203,9 +275,16 @@ def _split_overrides(stems: Sequence[str], params_override, notebook_dir) -> dic
                 per_nb[stem].update(values)
             elif stem not in valid:  # pragma: no cover - resolve_notebook raised already
                 raise ValueError(f"unknown notebook {key!r}")
-    else:
-        for stem in stems:
-            per_nb[stem].update(params_override)
+        return per_nb
+    unknown = sorted(n for n in params_override if not any(n in declared[s] for s in stems))
+    if unknown:
+        names = ", ".join(map(repr, unknown))
+        union = sorted(set().union(*(declared[s] for s in stems)))
+        where = (f"notebook {stems[0]} has no parameter {names}" if len(stems) == 1 else
+                 f"no selected notebook ({', '.join(stems)}) has a parameter {names}")
+        raise NotebookParameterError(f"{where}; valid: {', '.join(union)}")
+    for stem in stems:
+        per_nb[stem].update({n: v for n, v in params_override.items() if n in declared[stem]})
     return per_nb
 
 
@@ -261,13 +340,15 @@ def write_index(out: str | os.PathLike, stems: Sequence[str] | None = None,
                 status: Mapping[str, dict] | None = None, notebook_dir=None) -> Path:
     """Write ``<out>/index.md``: every figure (relative link), its notebook, the notebook's
     parameters and seeds, and the status of the last run. Written atomically."""
+    from . import __version__
     from .io import atomic_write_text
 
     out = Path(out)
     stems = list(stems) if stems is not None else available_notebooks(notebook_dir)
     status = status or {}
     lines = ["# Figures", "",
-             "Generated by `reflora-analysis figures` (papermill runs of `notebooks/`). "
+             f"Generated by `reflora-analysis figures` (reflora-analysis {__version__}; "
+             "papermill runs of `notebooks/`). "
              "Each directory also holds the plotted data (CSV/JSON), `params.json` "
              "(parameters, seeds, package versions, machine) and the executed notebook.", ""]
     for stem in stems:
@@ -314,9 +395,10 @@ def run_notebooks(names: Sequence[str] | str | None = None, quick: bool = False,
     names : notebook names (see :func:`resolve_notebook`); ``None`` runs all.
     quick, device : passed to every notebook as the ``quick`` and ``device`` parameters.
     out : directory of the figures; each notebook writes ``<out>/<stem>/``.
-    params_override : ``{param: value}`` for every selected notebook, or
-        ``{notebook: {param: value}}``; checked by :func:`check_parameters` before anything
-        runs (unknown names and wrong types raise :class:`NotebookParameterError`).
+    params_override : ``{param: value}`` for every selected notebook that declares
+        ``param``, or ``{notebook: {param: value}}``; checked by :func:`check_parameters`
+        before anything runs (a name no selected notebook declares, a wrong type or an
+        out-of-range value, :data:`PARAMETER_RULE`, raise :class:`NotebookParameterError`).
     threads : torch/OpenMP threads per kernel (environment ``OMP_NUM_THREADS``,
         ``MKL_NUM_THREADS``, ``REFLORA_NUM_THREADS``); default leaves torch's default.
     jobs : notebooks executed at the same time (worker processes, never threads:
@@ -342,10 +424,11 @@ def run_notebooks(names: Sequence[str] | str | None = None, quick: bool = False,
         stems = list(dict.fromkeys(resolve_notebook(n, notebook_dir) for n in names))
     if not stems:
         raise ValueError(f"no notebooks found in {notebook_dir}")
-    overrides = _split_overrides(stems, params_override, notebook_dir)
+    declared = {stem: notebook_parameters(stem, notebook_dir) for stem in stems}
+    overrides = _split_overrides(stems, params_override, notebook_dir, declared)
     for stem in stems:
         check_parameters(stem, {"quick": quick, "device": device, **overrides[stem]},
-                         notebook_dir)
+                         notebook_dir, declared=declared[stem])
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -469,16 +552,21 @@ def _parse_param(text: str) -> tuple[str, Any]:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reflora-analysis figures",
-        description="Run the notebooks with papermill and regenerate figures/ and figures/index.md.")
+        description="Run the notebooks with papermill and regenerate figures/ and figures/index.md.",
+        epilog=f"Parameters (-p) are checked before anything runs: {PARAMETER_RULE}. A "
+               "parameter goes to each selected notebook that declares it; one that no "
+               "selected notebook declares is refused.")
     parser.add_argument("--quick", action="store_true",
-                        help="small settings: all six notebooks in ~2.5 min on a 2-core CPU")
+                        help="small settings: all six notebooks in about "
+                             f"{QUICK_MINUTES_2_CORES} minutes on 2 CPU cores")
     parser.add_argument("--only", action="append", metavar="NAME", default=None,
                         help="run only this notebook (stem, number or title; repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--out", default="figures", help="output directory (default figures/)")
     parser.add_argument("--param", "-p", action="append", type=_parse_param, default=[],
                         metavar="NAME=VALUE",
-                        help="override a notebook parameter (Python literal), e.g. -p steps=50")
+                        help="override a notebook parameter (Python literal), e.g. -p steps=50; "
+                             "see the rule below")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OpenMP threads per notebook kernel (default: all cores; "
                              "with --jobs N: cores / N)")

@@ -34,9 +34,15 @@ Determinism: bit-identical on CPU for a fixed seed (and across a kill/resume). O
 kernels such as atomics-based reductions are not bit-reproducible unless the user enables
 ``torch.use_deterministic_algorithms(True)`` (not set here: it is a process-wide switch).
 
-Files written next to ``out`` (``run.jsonl``): ``run.meta.json`` (config, versions,
-status, summary; rewritten atomically at start and end) and ``run.ckpt.pt`` (the latest
-checkpoint).
+Files written next to ``out`` (``run.jsonl``): ``run.meta.json`` (config, versions --
+``reflora_analysis_version`` at the top level --, status, summary; rewritten atomically at
+start and end) and ``run.ckpt.pt`` (the latest checkpoint). An existing log, meta or
+checkpoint is never replaced silently: without ``resume`` (continue it) or ``overwrite``
+(replace all three) ``run`` raises ``FileExistsError`` before doing anything.
+
+Probes are checked against the task before step 0 (``Probe.check``), so a probe that cannot
+run on the task (e.g. ``bound`` on a multi-layer model) fails at once with a ``ValueError``
+naming both, before any file is written.
 """
 
 from __future__ import annotations
@@ -183,6 +189,76 @@ def _pairs_argument(task) -> dict:
         return {"pairs": pairs}
 
 
+def _existing_outputs(out: Path) -> list[Path]:
+    """The files of a previous run at ``out``: its log, meta and checkpoint, those that exist."""
+    return [p for p in (out, meta_path(out), checkpoint_path(out)) if p.exists()]
+
+
+def _refuse_to_replace(out: Path, dist_ctx) -> None:
+    """``FileExistsError`` (every rank alike) if a previous run's files are at ``out``.
+
+    Rank 0 looks, then tells the other ranks, so all of them raise (or none) even when
+    they reach this point at different times."""
+    found = _existing_outputs(out) if dist_ctx.rank == 0 else []
+    message = None
+    if found:
+        message = (f"{found[0]} already exists (a previous run); pass --resume to continue it or "
+                   f"--overwrite to replace it (train.run: resume=True / overwrite=True)")
+    if dist_ctx.world_size > 1:
+        import torch.distributed as dist
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise FileExistsError(message)
+
+
+def _resolve_probes(probes) -> list:
+    """Probe names (``"balance,sharpness"``, or a list mixing names, :class:`Probe` objects and
+    callables ``ctx -> dict``) -> a list of callables; unknown names list the valid ones."""
+    if probes is None:
+        return []
+    if isinstance(probes, str):
+        if not probes.strip():
+            return []
+        items = [probes]
+    elif callable(probes):
+        items = [probes]
+    else:
+        try:
+            items = list(probes)
+        except TypeError:
+            raise TypeError(f"probes must be probe names, Probe objects or callables, got "
+                            f"{type(probes).__name__}") from None
+    if not any(isinstance(p, str) for p in items):
+        for p in items:
+            if not callable(p):
+                raise TypeError(f"a probe must be a name, a Probe or a callable ctx -> dict, "
+                                f"got {type(p).__name__}")
+        return items
+    from .probes import make_probes
+    return make_probes(items)
+
+
+def _check_probes(probes, task) -> None:
+    """Every probe that can say what it needs (``check(task)``) is asked before step 0."""
+    for probe in probes:
+        check = getattr(probe, "check", None)
+        if callable(check):
+            check(task)
+
+
+def _module_modes(model) -> list:
+    """Every submodule with its train/eval flag: a model may mix them (a pretrained encoder
+    loaded in eval mode under a head in train mode), which ``model.train(flag)`` would flatten."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def _restore_module_modes(modes) -> None:
+    for m, flag in modes:
+        m.training = flag
+
+
 def _float(x) -> float:
     # .item() keeps float64 exact (a .float() first would round the logged loss to float32)
     return float(x.detach().item()) if isinstance(x, torch.Tensor) else float(x)
@@ -201,7 +277,7 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
         seed: int = 0, device="cpu", out=None, probes: Iterable = (), probe_every: int = 0,
         log_every: int = 1, eval_every: int = 0, checkpoint_every: int = 0, resume: bool = False,
         skip_nonfinite: bool = False, progress: bool = True, dtype: torch.dtype | None = None,
-        autocast_bf16: bool = False, task_overrides: dict | None = None,
+        autocast_bf16: bool = False, task_overrides: dict | None = None, overwrite: bool = False,
         **method_hparams) -> list[dict]:
     """Train ``task`` with ``method`` and return the logged records (also written to ``out``).
 
@@ -215,10 +291,14 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
     steps : number of optimizer updates (> 0); ``steps + 1`` lines (0..steps) at log_every=1.
     seed : seeds Python, numpy and torch, and the task's data.
     device : ``"cpu"`` or ``"cuda[:N]"`` (``ValueError`` if CUDA is absent).
-    out : JSON-lines path (its directory must exist), or None to keep records in memory.
-        Without ``resume`` an existing file is replaced.
-    probes : :class:`reflora_analysis.probes.Probe` objects (or a comma-separated string of
-        probe names), run every ``probe_every`` steps at the current weights.
+    out : JSON-lines path (its directory is created), or None to keep records in memory.
+        If its log, ``.meta.json`` or ``.ckpt.pt`` exists, ``resume`` or ``overwrite`` must
+        be given (``FileExistsError`` otherwise, before anything is built or written).
+    probes : probe names (``"balance,consistency"`` or a list of names, see
+        :func:`reflora_analysis.probes.available_probes`), :class:`~reflora_analysis.probes.Probe`
+        objects or callables ``ctx -> dict``, run every ``probe_every`` steps at the current
+        weights. Each probe's ``check(task)`` runs before step 0 (``ValueError`` naming the
+        probe and the task if it cannot run there).
     log_every, eval_every : logging / ``task.evaluate()`` interval (evaluate also runs at the
         first and last step; 0 = only there).
     checkpoint_every : save a checkpoint every K steps (and at the end); needs ``out``.
@@ -226,8 +306,12 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
         another configuration); lines after the checkpoint step are dropped and re-run.
         Without a checkpoint the run starts from step 0.
     skip_nonfinite : skip updates whose loss or gradient is NaN/Inf instead of stopping.
+    progress : a progress bar on stderr (only when it is a terminal), also inside long probes
+        (the sharpness probe's Hessian-vector products).
     dtype : cast the model's floating parameters (and batches) to this dtype.
     autocast_bf16 : run forward passes under ``torch.autocast(dtype=bfloat16)``.
+    overwrite : replace the log, meta and checkpoint of a previous run at ``out`` (and start
+        from step 0); exclusive with ``resume``.
     **method_hparams : passed to ``build_optimizer`` (e.g. ``damping``, ``warmup_steps``).
 
     Returns
@@ -238,6 +322,7 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
     Raises
     ------
     TrainingDiverged : non-finite loss/gradient (without ``skip_nonfinite``) or weights.
+    FileExistsError : ``out`` holds a previous run and neither ``resume`` nor ``overwrite``.
     ValueError, TypeError, FileNotFoundError : bad arguments, with a one-line message.
 
     Examples
@@ -264,6 +349,9 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
     optimizer = optimizer.strip().lower()
     if (checkpoint_every or resume) and out is None:
         raise ValueError("checkpoint_every/resume need out= (the checkpoint lives next to the JSON lines)")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues the run at "
+                         "out, overwrite replaces it")
     if out is not None:
         out = Path(out)
         try:
@@ -271,16 +359,15 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
         except OSError as err:
             raise ValueError(f"cannot create output directory {out.parent}: {err.strerror}") from None
     dev = resolve_device(device)
-    if isinstance(probes, str):
-        from .probes import make_probes
-        probes = make_probes(probes) if probes.strip() else []
-    probes = list(probes)
+    probes = _resolve_probes(probes)
     if probes and not probe_every:
         raise ValueError("probes were given but probe_every is 0; pass probe_every=K")
 
     from .distributed import DistributedContext
     dist_ctx = DistributedContext.current()
     is_main = dist_ctx.rank == 0
+    if out is not None and not resume and not overwrite:
+        _refuse_to_replace(out, dist_ctx)
 
     # ---- task, model, optimizer -------------------------------------------------------
     seed_everything(seed)
@@ -289,6 +376,7 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
         task = make_task(task, seed=seed, device=str(dev), **(task_overrides or {}))
     elif task_overrides:
         raise ValueError("task_overrides only apply when task is given by name")
+    _check_probes(probes, task)  # before anything is built on it or written
     model = task.model
     if dtype is not None:
         model.to(dtype=dtype)
@@ -342,10 +430,16 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
 
     writer = None
     if out is not None and is_main:
-        if start == 0 and out.exists():
-            out.unlink()  # a fresh run replaces the old log (resume keeps it)
+        if start == 0:
+            # a fresh run (overwrite, or resume without a checkpoint) replaces the old log, and
+            # with overwrite the old checkpoint too: a later resume must not pick it up
+            stale = [out] + ([checkpoint_path(out)] if overwrite else [])
+            for path in stale:
+                if path.exists():
+                    path.unlink()
         writer = JsonLinesWriter(out)
         atomic_write_json(meta_path(out), {**identity, "steps": steps, "status": "running",
+                                           "reflora_analysis_version": __version__,
                                            "versions": _versions(), "device": str(dev)})
 
     # ---- loop ------------------------------------------------------------------------------
@@ -368,20 +462,24 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
             log_now = t % log_every == 0 or t == steps
             if probes and is_main and t % probe_every == 0:
                 from .probes import ProbeContext
-                was_training = model.training
+                modes = _module_modes(model)
+                probe_batch = task.batch(t)
+                if dtype is not None:
+                    probe_batch = _cast_floats(probe_batch, dtype)
                 # during warm-up / between interval steps the coming update is plain LoRA's
                 ctx = ProbeContext(task=task, method=method, optimizer=optimizer, lr=lr, step=t,
-                                   batch=task.batch(t), hparams=dict(method_hparams),
-                                   active=transform is None or transform.is_active())
+                                   batch=probe_batch, hparams=dict(method_hparams),
+                                   active=transform is None or transform.is_active(),
+                                   progress=bar is not None)
                 for probe in probes:
                     record.update({k: _jsonable_scalar(v) for k, v in probe(ctx).items()})
-                model.train(was_training)
+                _restore_module_modes(modes)
                 log_now = True
             if is_main and (t == 0 or t == steps or (eval_every and t % eval_every == 0)):
-                was_training = model.training
+                modes = _module_modes(model)
                 with torch.no_grad():
                     record.update({f"eval/{k}": _jsonable_scalar(v) for k, v in task.evaluate().items()})
-                model.train(was_training)
+                _restore_module_modes(modes)
                 log_now = True
 
             batch = task.batch(t)
@@ -462,7 +560,8 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
             final = next((r for r in reversed(records) if "loss" in r), {})
             atomic_write_json(meta_path(out), {
                 **identity, "steps": steps, "status": status, "error": error,
-                "versions": _versions(), "device": str(dev), "skipped_steps": skipped,
+                "reflora_analysis_version": __version__, "versions": _versions(),
+                "device": str(dev), "skipped_steps": skipped,
                 "final_step": final.get("step"), "final_loss": final.get("loss"),
                 "elapsed": time.perf_counter() - t0,
                 "final_eval": {k: v for k, v in final.items() if k.startswith("eval/")}})

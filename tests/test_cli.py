@@ -8,6 +8,7 @@ check what a user sees end to end.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -230,3 +231,176 @@ def test_probe_command_honours_the_runs_warmup(capsys):
     assert inside["consistency/method_active"] == 0 and after["consistency/method_active"] == 1
     # tolerances: LoRA's spread on mf is O(1); RefLoRA's is float64 round-off (F6)
     assert inside["consistency/score"] > 1e-2 and after["consistency/score"] < 1e-8
+
+
+# --- issue "Tried as a new user would" ---------------------------------------------------
+
+def test_train_refuses_to_replace_an_earlier_run_unless_told(tmp_path, capsys):
+    out = tmp_path / "run.jsonl"
+    first = ["train", "--task", "mf", "--method", "lora", "--steps", "2", "--out", str(out),
+             "--no-progress"]
+    assert run_cli(capsys, *first)[0] == 0
+    before = out.read_text()
+    # a second run into the same --out: refused, one line naming both ways out, log untouched
+    code, _, err = run_cli(capsys, "train", "--task", "mf", "--method", "reflora", "--steps", "3",
+                           "--out", str(out), "--no-progress")
+    assert_one_line_error(code, err, 2, "--resume")
+    assert "--overwrite" in err and str(out) in err
+    assert out.read_text() == before
+    # both flags at once: refused by the parser, before anything runs
+    code, _, err = run_cli(capsys, "train", "--task", "mf", "--method", "reflora", "--steps", "3",
+                           "--out", str(out), "--resume", "--overwrite")
+    assert_one_line_error(code, err, 2, "--overwrite")
+    assert out.read_text() == before
+    # --overwrite replaces it with the new run
+    code, _, err = run_cli(capsys, "train", "--task", "mf", "--method", "reflora", "--steps", "3",
+                           "--out", str(out), "--overwrite", "--no-progress")
+    assert code == 0, err
+    records = read_json_lines(out)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert {r["method"] for r in records} == {"reflora"}
+
+
+def _probe_json(capsys, *argv):
+    status, out, err = run_cli(capsys, "probe", "--task", "mf", "--probe", "bound", "--json", *argv)
+    assert status == 0, err
+    values = json.loads(out)
+    values.pop("bound/seconds")
+    return values, err
+
+
+def test_probe_defaults_to_the_method_lr_and_hparams_of_the_checkpoint(tmp_path, capsys):
+    run_out = tmp_path / "run.jsonl"
+    assert run_cli(capsys, "train", "--task", "mf", "--method", "reflora", "--lr", "0.005",
+                   "--hparam", "warmup_steps=10", "--steps", "4", "--checkpoint-every", "4",
+                   "--out", str(run_out), "--no-progress")[0] == 0
+    ckpt = str(run_out.with_suffix(".ckpt.pt"))
+    # at the checkpoint's step 4 the run was inside its 10-step warm-up: a plain LoRA step
+    at_ckpt, _ = _probe_json(capsys, "--checkpoint", ckpt)
+    assert (at_ckpt["method"], at_ckpt["optimizer"], at_ckpt["lr"]) == ("reflora", "sgd", 0.005)
+    assert at_ckpt["step"] == 4 and at_ckpt["bound/method_active"] == 0
+    # after the warm-up the reflora step is bounded, exactly as when everything is spelled out
+    default, err = _probe_json(capsys, "--checkpoint", ckpt, "--step", "10")
+    assert default["bound/method_active"] == 1 and "note" not in err
+    explicit, _ = _probe_json(capsys, "--checkpoint", ckpt, "--step", "10", "--method", "reflora",
+                              "--lr", "0.005", "--hparam", "warmup_steps=10")
+    assert explicit == default
+    # an explicit --method still wins, and says that it differs from the checkpoint's
+    lora, err = _probe_json(capsys, "--checkpoint", ckpt, "--step", "10", "--method", "lora")
+    assert lora["method"] == "lora" and lora["lr"] == 0.005
+    assert "trained with 'reflora'" in err
+    assert lora["bound/next_loss"] != default["bound/next_loss"]
+
+
+@pytest.mark.parametrize("kind", ["text", "json", "foreign torch file"])
+def test_probe_of_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys, kind):
+    path = tmp_path / f"wrong.{kind.split()[0]}"
+    if kind == "text":
+        path.write_text("hello\n")
+    elif kind == "json":
+        path.write_text(json.dumps({"step": 3, "loss": 1.0}))
+    else:
+        torch.save({"weights": torch.zeros(2)}, path)
+    code, _, err = run_cli(capsys, "probe", "--task", "mf", "--probe", "balance",
+                           "--checkpoint", str(path))
+    assert_one_line_error(code, err, 2, f"not a reflora-analysis checkpoint: {path} (")
+    assert "weights_only" not in err and len(err) < 300, err
+
+
+@pytest.mark.parametrize("text, value", [
+    ("skip=None", None), ("skip=none", None), ("skip=null", None), ("use_dora=True", True),
+    ("use_dora=false", False), ("lr=1e-3", 1e-3), ("betas=[0.9, 0.99]", [0.9, 0.99]),
+    ("target_modules=q_proj,v_proj", "q_proj,v_proj")])
+def test_key_value_settings_read_none_true_false_as_python_writes_them(text, value):
+    assert cli._parse_setting(text) == (text.split("=")[0], value)
+
+
+def test_lora_rite_skip_can_be_disabled_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run.jsonl"
+    code, _, err = run_cli(capsys, "train", "--task", "mf", "--method", "lora-rite", "--steps", "2",
+                           "--hparam", "skip=None", "--out", str(out), "--no-progress")
+    assert code == 0, err
+    assert json.loads(out.with_suffix(".meta.json").read_text())["hparams"] == {"skip": None}
+
+
+def test_listings_have_a_header_row(capsys):
+    from reflora_analysis.methods import available_methods
+    from reflora_analysis.tasks import available_tasks
+    status, out, _ = run_cli(capsys, "methods")
+    lines = out.strip().splitlines()
+    assert status == 0 and lines[0].split() == ["METHOD", "INVARIANCE", "PAPER"]
+    assert [line.split()[0] for line in lines[1:]] == available_methods()
+    status, out, _ = run_cli(capsys, "tasks")
+    lines = out.strip().splitlines()
+    assert status == 0 and lines[0].split() == ["TASK", "SUMMARY"]
+    assert [line.split()[0] for line in lines[1:]] == available_tasks()
+
+
+def test_figures_help_states_the_measured_quick_time(capsys):
+    status, out, _ = run_cli(capsys, "figures", "--help")
+    assert status == 0
+    text = " ".join(out.split())  # argparse wraps the help text
+    assert "about 5 minutes on 2 CPU cores" in text
+    assert "2.5 min" not in text
+
+
+def _pyproject_version() -> str:
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    project = text[text.index("[project]"):]
+    return re.search(r'(?m)^version\s*=\s*"([^"]+)"', project).group(1)
+
+
+def test_version_flag(capsys):
+    import reflora_analysis
+    status, out, _ = run_cli(capsys, "--version")
+    assert status == 0
+    assert out.strip() == f"reflora-analysis {reflora_analysis.__version__}"
+    assert reflora_analysis.__version__ == _pyproject_version()
+
+
+def test_license_and_citation_metadata():
+    from pathlib import Path
+
+    import reflora_analysis
+    root = Path(__file__).resolve().parents[1]
+    license_text = (root / "LICENSE").read_text()
+    assert license_text.startswith("MIT License")
+    assert "Copyright (c) 2026 the reflora-analysis authors" in license_text
+    text = (root / "CITATION.cff").read_text()
+    try:
+        import yaml
+    except ImportError:  # a light check of the same fields
+        fields = dict(re.findall(r'(?m)^([a-z-]+):\s*"?([^"\n]*)"?\s*$', text))
+        assert fields["cff-version"] == "1.2.0" and fields["version"] == reflora_analysis.__version__
+        assert "2505.18877" in text and "Giannakis" in text
+        return
+    cff = yaml.safe_load(text)
+    assert cff["cff-version"] == "1.2.0" and cff["type"] == "software"
+    assert cff["version"] == reflora_analysis.__version__ and cff["license"] == "MIT"
+    paper = next(r for r in cff["references"] if "RefLoRA" in r["title"])
+    assert [a["family-names"] for a in paper["authors"]] == ["Zhang", "Li", "Giannakis"]
+    assert paper["year"] == 2025 and "NeurIPS 2025" in paper["collection-title"]
+    assert any("2505.18877" in i["value"] for i in paper["identifiers"])
+
+
+def _hf_available() -> bool:
+    try:
+        import peft  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _hf_available(), reason="needs transformers and peft")
+@pytest.mark.filterwarnings("ignore:reflora. singular")  # PEFT's zero start, expected here
+def test_dora_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "dora.jsonl"
+    code, _, err = run_cli(capsys, "train", "--task", "seq-cls", "--quick", "--set", "use_dora=true",
+                           "--method", "reflora", "--hparam", "warmup_steps=1", "--steps", "2",
+                           "--out", str(out), "--no-progress")
+    assert code == 0, err
+    meta = json.loads(out.with_suffix(".meta.json").read_text())
+    assert meta["task_config"]["use_dora"] is True
+    assert [r["step"] for r in read_json_lines(out)] == [0, 1, 2]

@@ -660,3 +660,33 @@ def test_pair_methods_refuse_conv_lora_naming_the_methods_that_support_it(method
     with pytest.raises(ValueError, match=r"Conv2d.*only methods lora and lora\+") as excinfo:
         build_optimizer(method, _conv_peft_model(), lr=1e-2)
     assert _one_line(excinfo)
+
+
+def test_lora_rite_skip_warning_names_what_the_command_line_accepts():
+    # the warning's advice must work where users read it: on the command line too
+    import re
+    import warnings
+
+    from reflora_analysis.cli import _parse_setting
+    A, B, G, _ = _problem(8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        single_step_update("lora-rite", A, B, 1e4 * G, 1e-2)
+    message = next(str(w.message) for w in caught if "lora-rite" in str(w.message))
+    advice = re.search(r"--hparam (\S+?)\)", message)
+    assert advice, message
+    key, value = _parse_setting(advice.group(1))
+    assert key == "skip" and value is None
+    assert single_step_update("lora-rite", A, B, 1e4 * G, 1e-2, **{key: value}).abs().max() > 0
+
+
+def test_build_optimizer_takes_the_readme_positional_form():
+    # README API row: methods.build_optimizer(method, model, optimizer, lr)
+    from reflora_analysis.tasks import make_task
+    task = make_task("mf", seed=0)
+    positional, _ = build_optimizer("reflora", task.pairs, "adamw", 0.02)
+    keyword, _ = build_optimizer("reflora", task.pairs, optimizer="adamw", lr=0.02)
+    assert type(positional) is type(keyword) is torch.optim.AdamW
+    assert positional.param_groups[0]["lr"] == keyword.param_groups[0]["lr"] == 0.02
+    with pytest.raises(ValueError, match="lr is required"):
+        build_optimizer("reflora", task.pairs, "adamw")

@@ -116,6 +116,70 @@ def test_missing_papermill_names_the_extra(monkeypatch, capsys, tmp_path):
     assert "pip install 'reflora-analysis[notebooks]'" in capsys.readouterr().err
 
 
+@pytest.fixture
+def no_execution(monkeypatch):
+    """Replace the papermill execution by a recorder: what each notebook would have run with."""
+    calls = {}
+
+    def record(stem, notebook_dir, out, params, log_output):
+        calls[stem] = dict(params)
+        return {"dir": str(Path(out) / stem), "parameters": params, "status": "ok",
+                "seconds": 0.0, "figures": []}
+
+    monkeypatch.setattr(figures, "_execute_one", record)
+    return calls
+
+
+@pytest.mark.parametrize("param, why", [
+    ("steps=5.5", "'steps' must be int"), ("steps=-5", "'steps' must be > 0"),
+    ("steps=0", "'steps' must be > 0"), ("seeds=[0,-1]", "'seeds' must be a non-empty list of integers >= 0"),
+    ("lr_multipliers=[0.0]", "numbers > 0")])
+def test_cli_refuses_out_of_range_parameters_before_running(no_execution, capsys, tmp_path,
+                                                             param, why):
+    assert figures.main(["--only", "01", "-p", param, "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("reflora-analysis: error: notebook 01_matrix")
+    assert why in err[0]
+    assert no_execution == {} and not (tmp_path / "f").exists()
+
+
+def test_parameter_rule_follows_the_defaults(no_execution, tmp_path):
+    # a float parameter takes an int; a warm-up may be 0; a zero default (damping) stays >= 0
+    figures.check_parameters("02_upper_bounds", {"eta_max": 2, "n_etas": 3})
+    figures.check_parameters("05_real_model_convergence", {"refactor_warmup": 0})
+    figures.check_parameters("03_consistency_balance", {"damping": 1e-3})
+    for stem, bad in [("05_real_model_convergence", {"refactor_warmup": -1}),
+                      ("03_consistency_balance", {"damping": -1e-3}),
+                      ("02_upper_bounds", {"eta_min": 0.0})]:
+        with pytest.raises(figures.NotebookParameterError, match=next(iter(bad))):
+            figures.check_parameters(stem, bad)
+    assert "must be > 0" in " ".join(figures._build_parser().format_help().split())
+
+
+def test_a_parameter_goes_to_the_selected_notebooks_that_declare_it(no_execution, capsys, tmp_path):
+    out = tmp_path / "f"
+    assert figures.main(["--only", "01", "--only", "02", "-p", "n_etas=3", "-p", "steps=4",
+                         "--out", str(out)]) == 0
+    assert no_execution["02_upper_bounds"]["n_etas"] == 3
+    assert "n_etas" not in no_execution["01_matrix_factorization"]
+    assert no_execution["01_matrix_factorization"]["steps"] == no_execution["02_upper_bounds"]["steps"] == 4
+    capsys.readouterr()
+    # a name no selected notebook declares is refused, naming them and the valid names
+    assert figures.main(["--only", "01", "--only", "02", "-p", "n_etaz=3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'n_etaz'" in err[0]
+    assert "01_matrix_factorization, 02_upper_bounds" in err[0] and "n_etas" in err[0]
+    # a parameter of a notebook that is not selected is not accepted either
+    with pytest.raises(figures.NotebookParameterError, match="no parameter 'n_etas'"):
+        figures.run_notebooks(["01"], out=out, params_override={"n_etas": 3}, progress=False)
+
+
+def test_index_records_the_package_version(tmp_path):
+    from reflora_analysis import __version__
+    index = figures.write_index(tmp_path, stems=["01_matrix_factorization"]).read_text()
+    assert f"reflora-analysis {__version__}" in index
+
+
 # --- runner: a failing notebook keeps the previous figures (issue 7) -----------------
 
 def _toy_notebook(directory: Path) -> None:

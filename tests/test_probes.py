@@ -201,6 +201,129 @@ def test_gradient_in_W_matches_autograd():
     assert model.A.shape == (5, 2) and model.B.shape == (4, 2)
 
 
+def test_gradient_in_W_while_an_older_graph_is_alive():
+    """A training step's graph (kept alive by its ``loss``, as train.run keeps it until the next
+    step) holds the parameters' gradient accumulators; G must be computed without changing
+    their shape, and the parameters, their grads and that graph must be left usable."""
+    A, B, Y, _ = balanced_minimiser(5, 4, 2, 7)
+    Y = Y + 1.0
+    model = Factors(A, B)
+    pairs = find_lora_pairs([(model.A, model.B)])
+    closure = lambda: 0.5 * (model.weight() - Y).square().sum()  # noqa: E731
+    loss = closure()
+    loss.backward(retain_graph=True)
+    snap = _snapshot(model)
+    (G,) = gradient_in_W(model, closure, pairs)
+    torch.testing.assert_close(G, model.weight().detach() - Y, rtol=1e-12, atol=1e-12)
+    _assert_same(model, snap)
+    grads = [model.A.grad.clone(), model.B.grad.clone()]
+    loss.backward()  # the old graph still accumulates into the same parameters
+    torch.testing.assert_close(model.A.grad, 2 * grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(model.B.grad, 2 * grads[1], rtol=0, atol=0)
+
+
+def test_gradient_in_W_substitutes_factors_without_touching_the_parameters():
+    A, B, Y, _ = balanced_minimiser(6, 5, 2, 3)
+    model = Factors(A, B)
+    pairs = find_lora_pairs([(model.A, model.B)])
+    seen = []
+
+    def closure():
+        seen.append((model.A, tuple(model.A.shape), pairs[0].a.shape))
+        return 0.5 * (model.weight() - Y).square().sum()
+
+    gradient_in_W(model, closure, pairs)
+    inside, shape, param_shape = seen[0]
+    assert inside is not pairs[0].a and shape == (6, 2 + 5)  # a widened stand-in [A, 0]
+    assert param_shape == (6, 2)  # the parameter itself never changed shape
+    assert model.A is pairs[0].a  # and is back in the module
+
+
+class _TwoLayerTask:
+    """Two LoRA pairs and no loss_in_W: what a Hugging Face task looks like to the probes."""
+
+    name = "two-layer"
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(0)
+        self.model = nn.ModuleList([Factors(torch.randn(4, 2, generator=g, dtype=F64),
+                                            torch.randn(3, 2, generator=g, dtype=F64))
+                                    for _ in range(2)])
+        self.pairs = find_lora_pairs([(f.A, f.B) for f in self.model])
+        self.Y = torch.randn(4, 3, generator=g, dtype=F64)
+        self.loss_in_W = None
+
+    def loss(self, batch):
+        return sum(0.5 * (f.weight() - self.Y).square().sum() for f in self.model)
+
+    def batch(self, step):
+        return None
+
+
+def test_probes_declare_what_they_need():
+    from reflora_analysis.probes import supported_probes
+    mf = MFTask(Factors(torch.ones(3, 1, dtype=F64), torch.ones(2, 1, dtype=F64)),
+                torch.zeros(3, 2, dtype=F64))
+    two = _TwoLayerTask()
+    assert supported_probes(mf) == available_probes()
+    assert supported_probes(two) == ["balance", "consistency", "sharpness"]
+    for probe in make_probes(available_probes()):
+        probe.check(mf)
+    with pytest.raises(ValueError, match=r"^probe 'bound' cannot run on task 'two-layer': it "
+                                         r"needs a single-layer task with loss_in_W"):
+        make_probes("bound")[0].check(two)
+    two.pairs = []
+    for name in ("balance", "consistency"):
+        with pytest.raises(ValueError, match=f"probe '{name}' cannot run on task 'two-layer'"):
+            make_probes(name)[0].check(two)
+
+
+def test_make_probes_takes_names_lists_and_callables():
+    def mine(ctx):
+        return {}
+    probes = make_probes(["balance,consistency", mine, "sharpness"], tol=1e-2)
+    assert [getattr(p, "name", None) for p in probes] == ["balance", "consistency", None,
+                                                          "sharpness"]
+    assert probes[2] is mine and probes[3].tol == 1e-2
+    assert make_probes(mine) == [mine]
+    with pytest.raises(ValueError, match="unknown probe 'x'; valid: balance, consistency"):
+        make_probes(["balance", "x"])
+    with pytest.raises(TypeError, match="a probe must be"):
+        make_probes(["balance", 3])
+
+
+def test_a_probe_leaves_the_global_rng_alone():
+    """Training draws dropout masks from the global RNG: a probe must not shift that stream."""
+    from reflora_analysis.probes import Probe
+
+    class Noisy(Probe):
+        name = "noisy"
+
+        def measure(self, ctx):
+            return {"noisy/draw": float(torch.rand(()))}
+
+    task = _TwoLayerTask()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    Noisy()(ProbeContext(task, "lora", "sgd", 0.1, 0, None))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_hessian_functions_show_progress_only_when_asked(capsys):
+    g = torch.Generator().manual_seed(0)
+    model = Factors(torch.randn(5, 2, generator=g, dtype=F64),
+                    torch.randn(4, 2, generator=g, dtype=F64))
+    closure = lambda: 0.5 * (model.weight() - 1.0).square().sum()  # noqa: E731
+    for progress in (False, True):
+        top_hessian_eigenvalue(model, closure, max_iter=4, progress=progress)
+        hessian_trace(model, closure, n_samples=6, progress=progress)
+        eigenvalue_density(model, closure, n_v=1, n_iter=3, progress=progress)
+        err = capsys.readouterr().err
+        for label in ("sharpness: Lanczos", "sharpness: trace (hutch++)", "sharpness: SLQ"):
+            assert (label in err) is progress, (label, progress)
+
+
 # ---------------------------------------------------------------- bounds (F8)
 
 @pytest.mark.parametrize("method", ["lora", "reflora", "reflora-s", "balance"])

@@ -661,3 +661,53 @@ def test_seq_cls_loads_a_local_checkpoint(tmp_path):
     assert math.isfinite(task.loss(task.batch(0)).item())
     _, held_idx = split_indices(8, 0.25, 0)
     _check_accuracy_of_constant_heads(task, _classifier_of(task), [[1, 0, 1, 0, 1, 0, 1, 0][i] for i in held_idx])
+
+
+# ---------------------------------------------------------------------------- DoRA (use_dora)
+
+
+@needs_hf
+@pytest.mark.parametrize("name", HF_TASKS)
+def test_use_dora_builds_a_dora_model_whose_pairs_are_found(name):
+    from reflora_analysis.methods.base import uses_dora
+    from reflora_analysis.pairs import find_lora_pairs
+    task = make_task(name, seed=0, quick=True, use_dora=True)
+    assert task.config["use_dora"] is True and "DoRA" in task.description
+    assert uses_dora(task.model)
+    magnitudes = {n: p for n, p in task.model.named_parameters() if "lora_magnitude_vector" in n}
+    # one trainable magnitude vector per adapted layer, and the same LoRA pairs as without DoRA
+    assert len(magnitudes) == len(task.pairs) > 0
+    assert all(p.requires_grad and p.dim() == 1 for p in magnitudes.values())
+    plain = make_task(name, seed=0, quick=True)
+    assert plain.config["use_dora"] is False and not uses_dora(plain.model)
+    assert [p.name for p in find_lora_pairs(task.model)] == [p.name for p in plain.pairs]
+
+
+@needs_hf
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("method, hparams", [("lora", {}), ("reflora", {"warmup_steps": 1})])
+def test_a_dora_run_trains_at_the_default_step(method, hparams):
+    import dataclasses
+
+    from reflora_analysis.train import run
+    # causal-lm: no head, so the adapters (factors + magnitudes) are all that trains; one
+    # fixed batch, so the loss is comparable across steps
+    task = make_task("causal-lm", seed=0, quick=True, use_dora=True)
+    batch = task.batch(0)
+    task = dataclasses.replace(task, batch=lambda step: batch, evaluate=lambda: {})
+    magnitudes = {n: p.detach().clone() for n, p in task.model.named_parameters()
+                  if "lora_magnitude_vector" in n}
+    records = run(task, method, steps=4, progress=False, **hparams)
+    losses = [r["loss"] for r in records]
+    assert all(math.isfinite(x) for x in losses), losses
+    assert all(b < a for a, b in zip(losses, losses[1:])), losses  # every step lowers it
+    after = dict(task.model.named_parameters())
+    assert any(not torch.equal(after[n], m) for n, m in magnitudes.items()), "magnitudes never moved"
+
+
+@needs_hf
+def test_use_dora_must_be_a_boolean():
+    with pytest.raises(ValueError, match="use_dora must be true or false, got 'yes'"):
+        make_task("seq-cls", quick=True, use_dora="yes")
+    with pytest.raises(ValueError, match="use_dora must be true or false, got 1"):
+        make_task("causal-lm", quick=True, use_dora=1)

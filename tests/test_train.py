@@ -85,11 +85,40 @@ def test_same_seed_same_run_other_seed_other_run():
     assert losses_c != losses_a
 
 
-def test_a_fresh_run_replaces_an_old_log(tmp_path):
+def _files(out) -> dict:
+    """Bytes of a run's log, meta and checkpoint (None for a missing one)."""
+    return {p.name: (p.read_bytes() if p.exists() else None)
+            for p in (out, meta_path(out), checkpoint_path(out))}
+
+
+@pytest.mark.parametrize("left_over", ["log", "meta", "checkpoint"])
+def test_an_existing_run_is_never_replaced_silently(tmp_path, left_over):
     out = tmp_path / "run.jsonl"
-    run("mf", "lora", steps=5, out=out, progress=False)
-    run("mf", "lora", steps=2, out=out, progress=False)
+    run("mf", "lora", steps=5, out=out, checkpoint_every=5, progress=False)
+    keep = {"log": out, "meta": meta_path(out), "checkpoint": checkpoint_path(out)}[left_over]
+    for path in (out, meta_path(out), checkpoint_path(out)):
+        if path != keep:
+            path.unlink()
+    before = _files(out)
+    with pytest.raises(FileExistsError) as info:
+        run("mf", "lora", steps=2, out=out, progress=False)
+    message = str(info.value)
+    assert "\n" not in message and str(keep) in message
+    assert "--resume" in message and "--overwrite" in message
+    assert _files(out) == before  # nothing touched
+
+
+def test_overwrite_replaces_the_log_meta_and_checkpoint(tmp_path):
+    out = tmp_path / "run.jsonl"
+    run("mf", "lora", steps=5, out=out, checkpoint_every=5, progress=False)
+    assert checkpoint_path(out).exists()
+    run("mf", "lora", steps=2, out=out, progress=False, overwrite=True)
     assert [r["step"] for r in read_json_lines(out)] == [0, 1, 2]
+    assert json.loads(meta_path(out).read_text())["steps"] == 2
+    # the old run's checkpoint is gone: a later --resume cannot continue the replaced run
+    assert not checkpoint_path(out).exists()
+    with pytest.raises(ValueError, match="exclude each other"):
+        run("mf", "lora", steps=2, out=out, progress=False, overwrite=True, resume=True)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -195,6 +224,85 @@ def test_probe_values_are_logged_every_k_steps():
     probed = [r["step"] for r in records if "balance/gap_max" in r]
     assert probed == [0, 3, 6]
     assert all(isinstance(r["balance/gap_max"], float) for r in records if "balance/gap_max" in r)
+
+
+@pytest.mark.parametrize("probes", [["balance"], ["balance,consistency"],
+                                    ("balance", "consistency"),
+                                    ["balance", lambda ctx: {"mine/step": float(ctx.step)}]])
+def test_probes_may_be_given_by_name(probes):
+    records = run("mf", "reflora", steps=4, probes=probes, probe_every=2, progress=False)
+    probed = [r for r in records if "balance/gap_max" in r]
+    assert [r["step"] for r in probed] == [0, 2, 4]
+    names = {k.split("/")[0] for r in probed for k in r if "/" in k and not k.startswith("eval/")}
+    expected = {n.strip() for p in probes if isinstance(p, str) for n in p.split(",")}
+    assert expected <= names
+    if callable(probes[-1]):
+        assert [r["mine/step"] for r in probed] == [0.0, 2.0, 4.0]
+
+
+def test_an_unknown_probe_name_lists_the_valid_ones(tmp_path):
+    from reflora_analysis.probes import available_probes
+    valid = ", ".join(available_probes())
+    with pytest.raises(ValueError, match=f"unknown probe 'x'; valid: {valid}"):
+        run("mf", "reflora", steps=2, probes=["balance", "x"], probe_every=1, progress=False,
+            out=tmp_path / "run.jsonl")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_probe_the_task_cannot_run_fails_before_step_0(tmp_path):
+    """bound needs task.loss_in_W: the run stops before any probe runs or any file is written."""
+    task = dataclasses.replace(make_task("mf", seed=0), loss_in_W=None, name="mf-no-loss-in-W")
+    calls = []
+    out = tmp_path / "run.jsonl"
+    with pytest.raises(ValueError, match=r"probe 'bound' cannot run on task 'mf-no-loss-in-W': "
+                                         r"it needs a single-layer task with loss_in_W"):
+        run(task, "reflora", steps=3, out=out, probe_every=1, progress=False,
+            probes=[lambda ctx: calls.append(ctx.step) or {}, "balance", "bound"])
+    assert calls == [] and list(tmp_path.iterdir()) == []
+
+
+def test_meta_records_the_package_version(tmp_path):
+    import reflora_analysis
+    out = tmp_path / "run.jsonl"
+    seen = []
+
+    def read_meta(ctx):  # the meta written at the start, while the run is going
+        seen.append(json.loads(meta_path(out).read_text()))
+        return {}
+
+    run("mf", "lora", steps=2, out=out, probes=[read_meta], probe_every=2, progress=False)
+    final = json.loads(meta_path(out).read_text())
+    assert seen[0]["status"] == "running" and final["status"] == "completed"
+    for meta in (seen[0], final):
+        assert meta["reflora_analysis_version"] == reflora_analysis.__version__
+
+
+class _FakeTerminal:
+    """A stderr that says it is a terminal and keeps what is written to it."""
+
+    def __init__(self):
+        import io
+        self.buffer = io.StringIO()
+
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        return self.buffer.write(text)
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_sharpness_probe_shows_its_progress_when_asked(monkeypatch, progress):
+    import sys
+    fake = _FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", fake)
+    run("mf", "reflora", steps=1, probes="sharpness", probe_every=1, progress=progress)
+    shown = fake.buffer.getvalue()
+    assert ("sharpness: Lanczos" in shown and "sharpness: trace" in shown) is progress
+    assert ("hvp" in shown) is progress
 
 
 def test_dtype_casts_the_model():

@@ -121,7 +121,8 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in [
                 "GL(r) invariance needs weight_decay=0. The reference default skip=1.0 zeroes a "
                 "factor's update whenever the RMS of its unmagnified gradient Gbar exceeds 1 "
                 "(it is tuned for LLM-scale gradients; generic unit-scale points, e.g. random "
-                "factors and G, trip it), so consistency/invariance probes pass skip=None."),
+                "factors and G, trip it), so consistency/invariance probes pass skip=None "
+                "(command line: --hparam skip=none)."),
     _spec("lora-pro", build_lora_pro, {"x_mode": "sylvester", "betas": (0.9, 0.999), "eps": 1e-8},
           paper="Wang, Liang, Zhang, Tan, LoRA-Pro: Are Low-Rank Adapters Properly Optimized?, "
                 "ICLR 2025, arXiv 2407.18242",
@@ -185,8 +186,8 @@ def _split_hparams(spec: MethodSpec, optimizer: str, hparams: dict) -> tuple[dic
     return base, method
 
 
-def build_optimizer(method: str, model_or_pairs, *, optimizer: str = "sgd", lr: float,
-                    weight_decay: float = 0.0, pairs=None, **hparams
+def build_optimizer(method: str, model_or_pairs, optimizer: str = "sgd", lr: float | None = None,
+                    *, weight_decay: float = 0.0, pairs=None, **hparams
                     ) -> tuple[torch.optim.Optimizer, PairTransform | None]:
     r"""The optimizer of ``method`` and its attached transform (``None`` if it has none).
 
@@ -200,7 +201,8 @@ def build_optimizer(method: str, model_or_pairs, *, optimizer: str = "sgd", lr: 
         (PEFT's own grouping for ``lora+``), the other methods raise ``ValueError`` saying so.
     optimizer : "sgd" | "adamw"
         The base optimizer (``torch.optim.SGD`` / ``torch.optim.AdamW``).
-    lr : float > 0.   weight_decay : float >= 0 (the base optimizer's).
+    lr : float > 0, required (positional or keyword: ``build_optimizer("reflora", model,
+        "adamw", 1e-4)``).   weight_decay : float >= 0 (the base optimizer's).
     pairs : optional explicit pairs of a plain-torch ``nn.Module``.
     **hparams : the method's hyper-parameters (:data:`METHODS` ``[name].hparams`` holds the
         defaults) and the base optimizer's ``momentum``/``nesterov`` (SGD) or ``betas``/``eps``
@@ -221,6 +223,8 @@ def build_optimizer(method: str, model_or_pairs, *, optimizer: str = "sgd", lr: 
         raise ValueError(f"unknown optimizer {optimizer!r}; valid optimizers: "
                          f"{', '.join(BASE_OPTIMIZERS)}")
     optimizer = optimizer.strip().lower()
+    if lr is None:
+        raise ValueError("build_optimizer: lr is required (a number > 0)")
     lr = check_lr(lr)
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
             or not weight_decay >= 0:

@@ -88,7 +88,7 @@ class LoraRiteTransform(LayerStateTransform):
     skip : float or None
         Per-factor RMS threshold above which the step of that factor is skipped (default 1.0,
         the reference value, tuned for LLM-scale gradients: generic unit-scale points trip it,
-        so invariance checks pass None).
+        so invariance checks pass None; on the command line ``--hparam skip=none``).
     cap : float
         Update capping threshold on RMS(M) (default 0: off).
     escaped_mass : bool
@@ -176,7 +176,8 @@ class LoraRiteTransform(LayerStateTransform):
         warnings.warn(f"lora-rite: update of factor {factor} in layer '{layer}' skipped at step "
                       f"{self.rite_step}: RMS of its unmagnified gradient {float(rms):.3g} > skip="
                       f"{self.skip} (the reference code's guard, tuned for LLM-scale "
-                      "gradients); pass skip=None to disable. Shown once.", stacklevel=4)
+                      "gradients); pass skip=None to disable it (command line: --hparam "
+                      "skip=none). Shown once.", stacklevel=4)
 
     def _clip_scale(self, work: list) -> Tensor:
         """Step 3: ``min(1, clip / c)``, ``c = sqrt(sum ||Gbar||_F^2)`` over every layer (float64, on the device)."""

@@ -16,6 +16,9 @@ Callbacks for ``train.run(probes=...)``: :func:`make_probes` ``("balance,consist
 sharpness,bound")`` returns :class:`Probe` objects; ``probe(ctx)`` with a
 :class:`ProbeContext` returns ``{"<probe>/<quantity>": float}`` including
 ``"<probe>/seconds"`` (and ``"<probe>/hvps"`` where Hessian-vector products are used).
+``probe.check(task)`` raises ``ValueError`` (naming the probe, the task and the reason) when
+the probe cannot run on ``task``; ``train.run`` calls it for every probe before step 0, and
+:func:`supported_probes` lists the names that pass it.
 """
 
 from __future__ import annotations
@@ -37,13 +40,16 @@ from .landscape import FlatSliceWarning, loss_landscape
 from .sharpness import (eigenvalue_density, hessian_trace, lanczos_top_eigenvalues,
                         top_hessian_eigenvalue)
 
+#: gradient_in_W's default ``max_width`` (the n x n identity it appends to B).
+GRADIENT_IN_W_MAX_WIDTH = inspect.signature(gradient_in_W).parameters["max_width"].default
+
 __all__ = [
     "ProbeContext", "Probe", "BalanceProbe", "ConsistencyProbe", "SharpnessProbe", "BoundProbe",
-    "available_probes", "make_probes", "balance_stats", "layer_balance", "consistency_score",
-    "consistency_table", "random_gl", "top_hessian_eigenvalue", "lanczos_top_eigenvalues",
-    "hessian_trace", "eigenvalue_density", "bound_step", "bound_line_scan", "estimate_smoothness",
-    "preconditioner_for", "loss_landscape", "FlatSliceWarning", "gradient_in_W",
-    "loss_and_grad_in_W", "step_method",
+    "available_probes", "make_probes", "supported_probes", "balance_stats", "layer_balance",
+    "consistency_score", "consistency_table", "random_gl", "top_hessian_eigenvalue",
+    "lanczos_top_eigenvalues", "hessian_trace", "eigenvalue_density", "bound_step",
+    "bound_line_scan", "estimate_smoothness", "preconditioner_for", "loss_landscape",
+    "FlatSliceWarning", "gradient_in_W", "loss_and_grad_in_W", "step_method",
 ]
 
 
@@ -57,7 +63,9 @@ class ProbeContext:
     (``warmup_steps``, ``interval``). ``active`` says whether the method's transform acts on
     the coming optimizer step (``transform.is_active()``; ``train.run`` sets it): when it does
     not (warm-up, between ``interval`` steps) the step is plain LoRA's, and those probes
-    simulate ``lora`` and report ``<probe>/method_active = 0``.
+    simulate ``lora`` and report ``<probe>/method_active = 0``. ``progress``: long probes
+    (sharpness) show tqdm bars on stderr for their Hessian-vector products (``train.run``
+    sets it when its own progress bar is shown).
     """
 
     task: Any
@@ -68,6 +76,7 @@ class ProbeContext:
     batch: Any = None
     hparams: dict = field(default_factory=dict)
     active: bool = True
+    progress: bool = False
 
     def step_method(self) -> tuple[str, dict]:
         """``(method, hparams)`` of the SGD step taken now (``"lora"`` when not active)."""
@@ -78,21 +87,52 @@ class ProbeContext:
         return lambda: self.task.loss(batch)
 
 
+def _task_name(task) -> str:
+    return str(getattr(task, "name", type(task).__name__))
+
+
+def _rng_preserved(model):
+    """Fork torch's global RNG (CPU and the model's CUDA devices): a probe never shifts the
+    random stream training draws from (dropout, sampling), whatever its loss closure does."""
+    devices = set()
+    if model is not None:
+        devices = {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
+    return torch.random.fork_rng(devices=sorted(devices))
+
+
 class Probe:
-    """Base callback: ``probe(ctx) -> dict[str, float]``, state restored, cost reported."""
+    """Base callback: ``probe(ctx) -> dict[str, float]``, state restored, cost reported.
+
+    Subclasses implement ``measure(ctx)`` and, when they need something of the task,
+    ``requirements(task)``: the reason the probe cannot run on ``task`` (a phrase), or None.
+    ``check(task)`` turns that reason into a ``ValueError`` naming the probe and the task.
+    """
 
     name = "probe"
 
     def measure(self, ctx: ProbeContext) -> dict[str, float]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def requirements(self, task) -> str | None:
+        """Why this probe cannot run on ``task`` (e.g. ``"it needs ..."``), or None if it can."""
+        if not getattr(task, "pairs", None):
+            return "it needs the task's LoRA pairs (task.pairs is empty)"
+        return None
+
+    def check(self, task) -> None:
+        """``ValueError`` (one line: probe, task, reason) if this probe cannot run on ``task``."""
+        why = self.requirements(task)
+        if why:
+            raise ValueError(f"probe {self.name!r} cannot run on task {_task_name(task)!r}: {why}")
+
     def __call__(self, ctx: ProbeContext) -> dict[str, float]:
         if not isinstance(ctx, ProbeContext):
             raise TypeError(f"a probe takes a ProbeContext, got {type(ctx).__name__}")
+        self.check(ctx.task)
         start = time.perf_counter()
         model = getattr(ctx.task, "model", None)
         pair_params = [t for p in getattr(ctx.task, "pairs", []) for t in p.params]
-        with preserved_state(model, pair_params):
+        with preserved_state(model, pair_params), _rng_preserved(model):
             values = self.measure(ctx)
         values[f"{self.name}/seconds"] = time.perf_counter() - start
         return {k: float(v) for k, v in values.items()}
@@ -141,11 +181,28 @@ class ConsistencyProbe(Probe):
     def __init__(self, n_reparam: int = 8, seed: int = 0, max_layers: int | None = None):
         self.n_reparam, self.seed, self.max_layers = n_reparam, seed, max_layers
 
+    @staticmethod
+    def _single_layer(task) -> bool:
+        return getattr(task, "loss_in_W", None) is not None and len(task.pairs) == 1
+
+    def requirements(self, task):
+        why = super().requirements(task)
+        if why or self._single_layer(task):
+            return why
+        if getattr(task, "model", None) is None:
+            return "it needs task.model (or a single-layer task with loss_in_W)"
+        wide = [p for p in list(task.pairs)[: self.max_layers]
+                if p.shape[1] > GRADIENT_IN_W_MAX_WIDTH]
+        if wide:
+            return (f"layer {wide[0].name} has n = {wide[0].shape[1]} > {GRADIENT_IN_W_MAX_WIDTH} "
+                    "inputs, too wide for gradient_in_W (it widens B by an n x n identity)")
+        return None
+
     def measure(self, ctx):
         task = ctx.task
         method, hparams = ctx.step_method()
         pairs = list(task.pairs)[: self.max_layers]
-        if getattr(task, "loss_in_W", None) is not None and len(task.pairs) == 1:
+        if self._single_layer(task):
             pr = pairs[0]
             W0 = task.W0 if task.W0 is not None else torch.zeros(pr.shape, dtype=pr.A.dtype,
                                                                   device=pr.A.device)
@@ -200,18 +257,28 @@ class SharpnessProbe(Probe):
             return None
         return [t for p in pairs for t in p.params]
 
+    def requirements(self, task):
+        model = getattr(task, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            return "it needs task.model (an nn.Module) to take Hessian-vector products"
+        if not any(p.requires_grad for p in model.parameters()):
+            return "task.model has no parameter that requires grad"
+        return None
+
     def measure(self, ctx):
         closure = ctx.loss_closure()
         params = self.parameters(ctx.task)
         value, info = top_hessian_eigenvalue(ctx.task.model, closure, method=self.method,
                                              tol=self.tol, max_iter=self.max_iter,
-                                             return_info=True, seed=self.seed, params=params)
+                                             return_info=True, seed=self.seed, params=params,
+                                             progress=ctx.progress)
         out = {"sharpness/lambda_max": value, "sharpness/residual": info["residual"],
                "sharpness/converged": float(info["converged"])}
         hvps = info["hvps"]
         if self.trace_samples:
             tr, se, tinfo = hessian_trace(ctx.task.model, closure, n_samples=self.trace_samples,
-                                          seed=self.seed, return_info=True, params=params)
+                                          seed=self.seed, return_info=True, params=params,
+                                          progress=ctx.progress)
             out.update({"sharpness/trace": tr, "sharpness/trace_se": se})
             hvps += tinfo["hvps"]
         out["sharpness/hvps"] = hvps
@@ -226,6 +293,17 @@ class BoundProbe(Probe):
     bound concerns the method's SGD step whatever ``ctx.optimizer`` is."""
 
     name = "bound"
+
+    def requirements(self, task):
+        why = super().requirements(task)
+        if why:
+            return why
+        has_loss_in_W = getattr(task, "loss_in_W", None) is not None
+        if not has_loss_in_W or len(task.pairs) != 1:
+            return (f"it needs a single-layer task with loss_in_W (mf, sensing, "
+                    f"lowrank-regression); this one has {len(task.pairs)} LoRA layer(s) and "
+                    f"{'a' if has_loss_in_W else 'no'} loss_in_W")
+        return None
 
     def measure(self, ctx):
         method, hparams = ctx.step_method()
@@ -244,25 +322,53 @@ def available_probes() -> list[str]:
     return list(_PROBES)
 
 
-def make_probes(spec, **kw) -> list[Probe]:
-    """Probes from ``"balance,consistency"`` or a list of names / :class:`Probe` objects.
+def supported_probes(task) -> list[str]:
+    """The names of :func:`available_probes` whose default probe passes ``check(task)``."""
+    out = []
+    for name, cls in _PROBES.items():
+        try:
+            cls().check(task)
+        except ValueError:
+            continue
+        out.append(name)
+    return out
 
-    Keyword arguments go to every probe whose constructor accepts them (e.g. ``tol=1e-4``
-    to ``sharpness``, ``seed`` to consistency and sharpness); a keyword no requested probe
-    accepts is an error.
+
+def make_probes(spec, **kw) -> list:
+    """Probes from ``"balance,consistency"`` or a list of names / :class:`Probe` objects /
+    callables ``ctx -> dict`` (kept as given; a name in a list may itself be comma-separated).
+
+    Keyword arguments go to every named probe whose constructor accepts them (e.g.
+    ``tol=1e-4`` to ``sharpness``, ``seed`` to consistency and sharpness); a keyword no
+    requested probe accepts is an error. An unknown name is a ``ValueError`` listing the valid
+    ones.
     """
+    if spec is None:
+        spec = []
     if isinstance(spec, str):
-        names = [s.strip() for s in spec.split(",") if s.strip()]
-    elif isinstance(spec, (list, tuple)):
-        names = list(spec)
-    else:
-        raise TypeError("probe spec must be a comma-separated string or a list, got "
-                        f"{type(spec).__name__}")
+        spec = [spec]
+    elif isinstance(spec, Probe) or (callable(spec) and not isinstance(spec, type)):
+        spec = [spec]
+    elif not isinstance(spec, (list, tuple)):
+        raise TypeError("probe spec must be a comma-separated string of names, a probe, or a "
+                        f"list of them, got {type(spec).__name__}")
+    names = []
+    for item in spec:
+        if isinstance(item, str):
+            names += [s.strip() for s in item.split(",") if s.strip()]
+        else:
+            names.append(item)
     probes, used = [], set()
     for name in names:
         if isinstance(name, Probe):
             probes.append(name)
             continue
+        if not isinstance(name, str):
+            if callable(name) and not isinstance(name, type):
+                probes.append(name)  # a plain callback ctx -> dict
+                continue
+            raise TypeError(f"a probe must be a name, a Probe or a callable ctx -> dict, got "
+                            f"{type(name).__name__}")
         if name not in _PROBES:
             raise ValueError(f"unknown probe {name!r}; valid: {', '.join(available_probes())}")
         cls = _PROBES[name]
@@ -272,5 +378,6 @@ def make_probes(spec, **kw) -> list[Probe]:
         probes.append(cls(**mine))
     unused = set(kw) - used
     if unused:
-        raise ValueError(f"probe option(s) {sorted(unused)} not accepted by any of {names}")
+        named = [n for n in names if isinstance(n, str)]
+        raise ValueError(f"probe option(s) {sorted(unused)} not accepted by any of {named}")
     return probes

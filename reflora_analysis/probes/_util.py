@@ -8,6 +8,7 @@ the train/eval mode of every submodule. :func:`preserved_state` does this for al
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -73,6 +74,38 @@ def math_attention():
     return sdpa_kernel(SDPBackend.MATH)
 
 
+class _NoBar:
+    """Stand-in for a disabled tqdm bar."""
+
+    def update(self, n=1):
+        pass
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def set_description(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, total: int | None, desc: str, unit: str = "hvp"):
+    """A tqdm bar on ``sys.stderr`` (looked up now, so redirections apply) when ``enabled``,
+    else a no-op stand-in; closed (and, ``leave=False``, erased) on exit."""
+    if not enabled:
+        yield _NoBar()
+        return
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
+               dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
 def flatten(tensors: Sequence[Tensor], dtype=torch.float64) -> Tensor:
     return torch.cat([t.reshape(-1).to(dtype) for t in tensors])
 
@@ -108,7 +141,8 @@ class HessianOperator:
     """
 
     def __init__(self, loss_closure: LossClosure, params: Sequence[Tensor],
-                 recompute_forward: bool = True):
+                 recompute_forward: bool = True, progress=None):
+        self.progress = progress  # anything with update(n) (a tqdm bar), ticked per product
         self.recompute_forward = recompute_forward
         self._kept = None
         self.loss_closure = loss_closure
@@ -145,6 +179,8 @@ class HessianOperator:
         vs = unflatten(v.to(self.device), self.params)
         used = [(g, vi) for g, vi in zip(grads, vs) if g is not None and g.requires_grad]
         if not used:  # the loss is (locally) linear in the parameters
+            if self.progress is not None:
+                self.progress.update(1)
             return torch.zeros(self.dim, dtype=torch.float64, device=self.device)
         try:
             hv = torch.autograd.grad([g for g, _ in used], self.params,
@@ -155,18 +191,71 @@ class HessianOperator:
                 f"Hessian-vector product failed in double backward: {exc}. The probes run the "
                 "forward under the math attention backend; a model with another fused kernel "
                 "needs attn_implementation='eager'") from exc
+        if self.progress is not None:
+            self.progress.update(1)
         return flatten([torch.zeros_like(p) if h is None else h for p, h in zip(self.params, hv)])
+
+
+def _widened(pair, extra_A: Tensor, extra_B: Tensor) -> tuple[Tensor, Tensor]:
+    """New tensors ``[A, extra_A]`` (m x (r+k)) and ``[B, extra_B]`` (n x (r+k)) in paper
+    orientation, laid out as the pair stores its factors (``b`` as ``B^T`` when
+    ``b_transposed``), so that an adapter using them computes ``A B^T + extra_A extra_B^T``.
+    The pair's parameters are not touched."""
+    a, b = pair.a, pair.b
+    a_new = torch.cat([a.detach(), extra_A.to(a.dtype)], dim=1)
+    if pair.b_transposed:
+        b_new = torch.cat([b.detach(), extra_B.T.to(b.dtype)], dim=0)
+    else:
+        b_new = torch.cat([b.detach(), extra_B.to(b.dtype)], dim=1)
+    return a_new, b_new
 
 
 def _augment(pair, extra_A: Tensor, extra_B: Tensor) -> None:
     """Set the pair's stored factors to ``[A, extra_A]`` (m x (r+k)) and ``[B, extra_B]``
-    (n x (r+k)) in paper orientation, so the adapter computes ``A B^T + extra_A extra_B^T``."""
-    a, b = pair.a, pair.b
-    a.data = torch.cat([a.data, extra_A.to(a.dtype)], dim=1)
-    if pair.b_transposed:
-        b.data = torch.cat([b.data, extra_B.T.to(b.dtype)], dim=0)
-    else:
-        b.data = torch.cat([b.data, extra_B.to(b.dtype)], dim=1)
+    (n x (r+k)) in paper orientation, so the adapter computes ``A B^T + extra_A extra_B^T``.
+
+    This swaps the parameters' ``.data`` for tensors of another shape: use it only for
+    forward passes under ``torch.no_grad()`` (:func:`loss_landscape`) and restore with
+    :func:`preserved_state`. A forward pass *with* autograd through a parameter whose shape
+    changed fails whenever an older graph through that parameter is still alive (its
+    gradient accumulator, reused by every new graph, keeps the old shape); differentiate
+    through :func:`substituted_parameters` instead, as :func:`gradient_in_W` does.
+    """
+    a_new, b_new = _widened(pair, extra_A, extra_B)
+    pair.a.data, pair.b.data = a_new, b_new
+
+
+def parameter_owners(model: nn.Module,
+                     params: Sequence[Tensor]) -> list[tuple[nn.Module, str, Tensor]]:
+    """``(module, attribute, parameter)`` for every slot of ``model`` holding one of ``params``
+    (a parameter shared by several modules appears once per module)."""
+    wanted = {id(p) for p in params}
+    return [(module, name, p) for module in model.modules()
+            for name, p in module._parameters.items() if p is not None and id(p) in wanted]
+
+
+@contextlib.contextmanager
+def substituted_parameters(model: nn.Module, replacements: dict[int, Tensor]) -> Iterator[None]:
+    """Inside the block, ``model`` uses ``replacements[id(p)]`` wherever it holds parameter
+    ``p`` (any shape, any tensor); the original parameter objects are put back on exit.
+
+    Unlike a ``.data`` swap, the parameters themselves (values, shapes, ``.grad``, autograd
+    history) are never touched, so graphs built before or after the block are unaffected and
+    a graph built inside it differentiates the replacement tensors, which are fresh leaves.
+    ``KeyError`` if a replacement is given for a tensor the model does not hold.
+    """
+    holders = {id(p) for p in model.parameters()}
+    missing = [k for k in replacements if k not in holders]
+    if missing:
+        raise KeyError(f"{len(missing)} tensor(s) to substitute are not parameters of the model")
+    slots = parameter_owners(model, [p for p in model.parameters() if id(p) in replacements])
+    try:
+        for module, name, p in slots:
+            module._parameters[name] = replacements[id(p)]
+        yield
+    finally:
+        for module, name, p in slots:
+            module._parameters[name] = p
 
 
 def gradient_in_W(model: nn.Module | None, loss_closure: LossClosure, pairs,
@@ -174,25 +263,54 @@ def gradient_in_W(model: nn.Module | None, loss_closure: LossClosure, pairs,
     r"""``G = s * dl/dW`` (m x n, paper orientation, scaling folded in) for each LoRA pair.
 
     Works on any model whose adapter computes ``s * A B^T`` by matrix products (PEFT Linear
-    LoRA, plain ``A @ B.T``): the factors are temporarily widened to ``[A, 0]`` and
-    ``[B, I_n]``, which leaves the function unchanged, and the gradient of the extra columns
-    of ``A`` is ``s G B_extra = s G``. Everything is restored exactly afterwards.
+    LoRA, plain ``A @ B.T``): the model's factors are temporarily replaced by widened copies
+    ``[A, 0]`` and ``[B, I_n]`` (:func:`substituted_parameters`), which leaves the function
+    unchanged, and the gradient of the extra columns of ``A`` is ``s G B_extra = s G``. The
+    parameters themselves are never modified, so this is safe while other autograd graphs
+    through them are alive (e.g. the training step's). When ``model`` is ``None`` or does not
+    hold the pairs' parameters (a loss over free tensors), their ``.data`` is widened in place
+    instead, which needs that no graph through them be alive. Everything is restored exactly.
     """
     for p in pairs:
         if p.shape[1] > max_width:
             raise ValueError(f"layer {p.name} has n = {p.shape[1]} > {max_width} inputs; "
                              "gradient_in_W widens B by an n x n identity and refuses this size")
     ranks = [p.rank for p in pairs]
-    with preserved_state(model, [t for p in pairs for t in p.params]):
+    factors = [t for p in pairs for t in p.params]
+    held = {id(p) for p in model.parameters()} if model is not None else set()
+    substitute = all(id(t) in held for t in factors)
+    with preserved_state(model, factors):
         if model is not None:
             model.eval()  # dropout would make G random; the mode is restored on exit
+        widened = []
         for p in pairs:
             m, n = p.shape
-            _augment(p, torch.zeros(m, n, dtype=p.a.dtype, device=p.a.device),
-                     torch.eye(n, dtype=p.a.dtype, device=p.a.device))
-        with math_attention():
+            widened.append(_widened(p, torch.zeros(m, n, dtype=p.a.dtype, device=p.a.device),
+                                    torch.eye(n, dtype=p.a.dtype, device=p.a.device)))
+        if substitute:
+            targets = [a_new.requires_grad_(True) for a_new, _ in widened]
+            replacements = {}
+            for p, (a_new, b_new) in zip(pairs, widened):
+                replacements[id(p.a)], replacements[id(p.b)] = a_new, b_new
+            swap = substituted_parameters(model, replacements)
+        else:
+            for p, (a_new, b_new) in zip(pairs, widened):
+                p.a.data, p.b.data = a_new, b_new
+            targets = [p.a for p in pairs]
+            swap = contextlib.nullcontext()
+        with swap, math_attention(), torch.enable_grad():
             loss = evaluate_loss(loss_closure)
-            grads = torch.autograd.grad(loss, [p.a for p in pairs], allow_unused=True)
+            try:
+                grads = torch.autograd.grad(loss, targets, allow_unused=True)
+            except RuntimeError as exc:
+                if substitute or "invalid gradient" not in str(exc):
+                    raise
+                raise RuntimeError(
+                    f"gradient_in_W: {exc}. The LoRA factors are not parameters of the model "
+                    "passed, so they were widened in place, which fails while an autograd graph "
+                    "through them is alive; pass the model that holds them (or free that graph)"
+                ) from exc
+        del loss
         out = []
         for p, r, g in zip(pairs, ranks, grads):
             if g is None:

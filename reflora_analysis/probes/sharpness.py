@@ -33,7 +33,7 @@ from scipy.linalg import eigh_tridiagonal
 from torch import Tensor, nn
 
 from ._util import (HessianOperator, LossClosure, evaluate_loss, math_attention,
-                    preserved_state, trainable_parameters)
+                    preserved_state, progress_bar, trainable_parameters)
 
 __all__ = ["lanczos_top_eigenvalues", "top_hessian_eigenvalue", "hessian_trace",
            "eigenvalue_density"]
@@ -58,7 +58,7 @@ def _tridiagonal_eigh(alphas, betas):
 
 def lanczos_top_eigenvalues(matvec, dim: int, *, k: int = 1, tol: float = 1e-3,
                             max_iter: int | None = None, seed: int = 0,
-                            device=None) -> dict:
+                            device=None, callback=None) -> dict:
     r"""Largest ``k`` eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
 
     After ``j`` steps, ``Q_j^T H Q_j = T_j`` (tridiagonal, float64) with Ritz pairs
@@ -80,6 +80,8 @@ def lanczos_top_eigenvalues(matvec, dim: int, *, k: int = 1, tol: float = 1e-3,
         ``|theta - lambda| <= residual^2 / gap``).
     max_iter : int, optional
         Default ``min(dim, max(300, 20 k))``.
+    callback : callable, optional
+        Called after every step with ``(iteration, values, residuals)`` (e.g. to show progress).
 
     Returns
     -------
@@ -114,6 +116,8 @@ def lanczos_top_eigenvalues(matvec, dim: int, *, k: int = 1, tol: float = 1e-3,
         top = min(k, j + 1)
         values = theta[::-1][:top].tolist()
         residuals = (abs(beta) * np.abs(S[-1, ::-1][:top])).tolist()
+        if callback is not None:
+            callback(j + 1, values, residuals)
         scale = max(abs(values[0]), np.finfo(np.float64).tiny)
         invariant = beta <= 1e-12 * max(scale, abs(alpha))
         if top == k and (invariant or all(res <= tol * max(abs(v), 1e-300)
@@ -268,7 +272,7 @@ def top_hessian_eigenvalue(model: nn.Module, loss_closure: LossClosure, method: 
                            k: int = 1, tol: float = 1e-3, max_iter: int | None = None,
                            return_info: bool = False, seed: int = 0,
                            pyhessian_tol: float | None = None, recompute_forward: bool = True,
-                           params: Sequence[Tensor] | None = None):
+                           params: Sequence[Tensor] | None = None, progress: bool = False):
     r"""Largest eigenvalue(s) of the Hessian of ``loss_closure()`` w.r.t. the trainable parameters.
 
     Parameters
@@ -305,6 +309,9 @@ def top_hessian_eigenvalue(model: nn.Module, loss_closure: LossClosure, method: 
         The variables of the Hessian (e.g. the LoRA factors only, ``[t for p in pairs for t in
         p.params]``); default every parameter of ``model`` that requires grad. The other
         parameters are held constant. ``"pyhessian"`` needs them to be parameters of ``model``.
+    progress : bool
+        Lanczos only: a tqdm bar on stderr counting the Hessian-vector products (up to
+        ``max_iter``; it stops early on convergence) with the current estimate and residual.
 
     Notes
     -----
@@ -326,9 +333,16 @@ def top_hessian_eigenvalue(model: nn.Module, loss_closure: LossClosure, method: 
     start = time.perf_counter()
     with _probing(model, params):
         if method == "lanczos":
-            op = HessianOperator(loss_closure, params, recompute_forward=recompute_forward)
-            info = lanczos_top_eigenvalues(op.matvec, op.dim, k=k, tol=tol, max_iter=max_iter,
-                                           seed=seed, device=op.device)
+            dim = sum(p.numel() for p in params)
+            total = min(dim, max(300, 20 * k)) if max_iter is None else min(int(max_iter), dim)
+            with progress_bar(progress, total, "sharpness: Lanczos lambda_max") as bar:
+                op = HessianOperator(loss_closure, params, recompute_forward=recompute_forward,
+                                     progress=bar)
+
+                def show(_j, vals, res):
+                    bar.set_postfix(lam=f"{vals[0]:.4g}", res=f"{res[0]:.2g}", refresh=False)
+                info = lanczos_top_eigenvalues(op.matvec, op.dim, k=k, tol=tol, max_iter=max_iter,
+                                               seed=seed, device=op.device, callback=show)
         else:
             info = _pyhessian_top(model, loss_closure, params, k, tol,
                                   1000 if max_iter is None else int(max_iter), seed, pyhessian_tol)
@@ -349,7 +363,7 @@ def _rademacher(shape, gen, device):
 
 def hessian_trace(model: nn.Module, loss_closure: LossClosure, n_samples: int = 99,
                   method: str = "hutch++", seed: int = 0, return_info: bool = False,
-                  params: Sequence[Tensor] | None = None):
+                  params: Sequence[Tensor] | None = None, progress: bool = False):
     r"""``tr H`` with a standard error, from ``n_samples`` Hessian-vector products.
 
     ``"hutchinson"``: ``mean_i z_i^T H z_i`` over Rademacher ``z_i``; standard error
@@ -360,7 +374,8 @@ def hessian_trace(model: nn.Module, loss_closure: LossClosure, n_samples: int = 
     indefinite Hessians read the result as an absolute error +- standard error.
 
     ``params``: the variables (default every parameter of ``model`` that requires grad), as in
-    :func:`top_hessian_eigenvalue`.
+    :func:`top_hessian_eigenvalue`. ``progress``: a tqdm bar on stderr counting the
+    ``n_samples`` Hessian-vector products.
 
     Returns ``(estimate, standard_error)`` (and an info dict with ``hvps``, ``seconds`` when
     ``return_info``).
@@ -371,8 +386,9 @@ def hessian_trace(model: nn.Module, loss_closure: LossClosure, n_samples: int = 
     params = _variables(model, params)
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(int(seed))
-    with _probing(model, params):
-        op = HessianOperator(loss_closure, params)
+    with _probing(model, params), progress_bar(progress, n_samples,
+                                               f"sharpness: trace ({method})") as bar:
+        op = HessianOperator(loss_closure, params, progress=bar)
         d = op.dim
         if method == "hutchinson":
             Z = _rademacher((n_samples, d), gen, op.device)
@@ -397,7 +413,8 @@ def hessian_trace(model: nn.Module, loss_closure: LossClosure, n_samples: int = 
 
 def eigenvalue_density(model: nn.Module, loss_closure: LossClosure, n_v: int = 4,
                        n_iter: int = 50, *, grid_points: int = 1000, sigma: float | None = None,
-                       seed: int = 0, params: Sequence[Tensor] | None = None) -> dict:
+                       seed: int = 0, params: Sequence[Tensor] | None = None,
+                       progress: bool = False) -> dict:
     r"""Spectral density of the Hessian by stochastic Lanczos quadrature (SLQ).
 
     For each of ``n_v`` Rademacher vectors ``v`` (normalised), ``n_iter`` Lanczos steps
@@ -408,6 +425,8 @@ def eigenvalue_density(model: nn.Module, loss_closure: LossClosure, n_v: int = 4
     integrates to 1 (up to grid resolution). PyHessian's ``density()`` is not used: the PyPI
     release calls the removed ``torch.eig``. ``params``: the variables (default every
     parameter of ``model`` that requires grad), as in :func:`top_hessian_eigenvalue`.
+    ``progress``: a tqdm bar on stderr counting the Hessian-vector products (at most
+    ``n_v * n_iter``).
 
     Returns dict: ``grid`` (grid_points,), ``density`` (grid_points,), ``nodes``
     (n_v, m), ``weights`` (n_v, m), ``sigma``, ``hvps``, ``seconds``.
@@ -418,8 +437,9 @@ def eigenvalue_density(model: nn.Module, loss_closure: LossClosure, n_v: int = 4
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(int(seed))
     nodes, weights = [], []
-    with _probing(model, params):
-        op = HessianOperator(loss_closure, params)
+    with _probing(model, params), progress_bar(
+            progress, n_v * min(n_iter, sum(p.numel() for p in params)), "sharpness: SLQ") as bar:
+        op = HessianOperator(loss_closure, params, progress=bar)
         m = min(n_iter, op.dim)
         for _ in range(n_v):
             v = _rademacher((op.dim,), gen, op.device)

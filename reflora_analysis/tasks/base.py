@@ -144,6 +144,14 @@ class TaskOptions:
                              f"directory ({why})")
         return path
 
+    def boolean(self, key: str) -> bool:
+        """A true/false setting (``--set use_dora=true``); 0/1 or a string are refused, so a
+        typo never silently means False."""
+        value = self.values[key]
+        if not isinstance(value, bool):
+            raise ValueError(f"task {self.task!r}: {key} must be true or false, got {value!r}")
+        return value
+
     def choice(self, key: str, options: tuple[str, ...]) -> str:
         value = self.values[key]
         if value not in options:

