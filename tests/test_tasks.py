@@ -51,7 +51,19 @@ def hf_quick_tasks():
 
 
 def test_registry_lists_every_task():
-    assert available_tasks() == ["mf", "sensing", "lowrank-regression", "nlu-minilm", "seq-cls", "causal-lm"]
+    corpora = ["movies", "tweets", "amazon", "nyt"]
+    assert available_tasks() == (["mf", "sensing", "lowrank-regression", "nlu-minilm", "seq-cls",
+                                  "causal-lm"] + [f"vader-{c}" for c in corpora]
+                                 + [f"vader-{c}-reg" for c in corpora] + ["lm-vader-movies"])
+
+
+def test_task_summaries_match_the_sentence_module():
+    from reflora_analysis.tasks import describe_tasks
+    sentences = pytest.importorskip("reflora_analysis.tasks.sentences")
+    summaries = describe_tasks()
+    assert set(summaries) == set(available_tasks())
+    for name, text in sentences.VADER_TASK_SUMMARIES.items():
+        assert summaries[name] == text, name
 
 
 def test_unknown_task_lists_valid_names():
@@ -552,7 +564,8 @@ def _package_imports(source: Path) -> set[str]:
 def test_tasks_import_only_lower_layers():
     """docs/ARCHITECTURE.md: arrows point down (train -> tasks -> refactor -> pairs -> theory);
     a task module importing train, cli, figures, methods or probes would close a cycle."""
-    lower = {"reflora_analysis.pairs", "reflora_analysis.theory", "reflora_analysis.refactor"}
+    lower = {"reflora_analysis.pairs", "reflora_analysis.theory", "reflora_analysis.refactor",
+             "reflora_analysis.assets"}
     tasks_dir = Path(make_task.__code__.co_filename).parent
     for source in sorted(tasks_dir.glob("*.py")):
         for module in _package_imports(source):

