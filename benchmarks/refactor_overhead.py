@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 from torch import nn
@@ -53,31 +52,16 @@ def make_pairs(layers: int, rank: int, device: str, dtype: torch.dtype, seed: in
     return pairs
 
 
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
 def interleaved_medians(fns: dict, device: str, warmup: int, repeats: int,
                         clock: str = "wall") -> dict[str, float]:
-    """Median seconds of each callable; repeats run round-robin over the callables so
+    """Median seconds of each callable, timed round-robin (the package's one step timer,
+    ``reflora_analysis.experiments.round_robin``: the order rotated from round to round) so
     that every variant sees the same background load (this machine is shared)."""
-    now = CLOCKS[clock]
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    sync(device)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for label, fn in fns.items():
-            t0 = now()
-            fn()
-            sync(device)
-            times[label].append(now() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    from reflora_analysis.experiments import round_robin
+
+    times = round_robin({label: (lambda fn: lambda step: fn())(fn) for label, fn in fns.items()},
+                        rounds=repeats, warmup=warmup, device=device, clock=clock)
+    return {k: statistics.median(v.seconds) for k, v in times.items()}
 
 
 def bench_rank(args, rank: int) -> dict[str, float]:

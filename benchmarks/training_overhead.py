@@ -1,10 +1,11 @@
 """Wall time per training step and memory of LoRA optimizers on one LLaMA model (issue 6, bench 2).
 
 One PEFT LoRA model (random weights, no downloads) and one fixed batch of random tokens are
-shared by every method; each method gets its own ``build_optimizer(method, model,
-optimizer="adamw")`` (AdamW base optimizer, its transform's hooks attached). A training step
-is ``loss = model(batch).loss; loss.backward(); optimizer.step(); zero_grad(set_to_none)``,
-so the method's hooks (``Refactorer`` pre/post step, ...) are inside the timed region.
+shared by every method, wrapped as a ``Task``; each method gets its own training run on it,
+``reflora_analysis.train.build_run`` (AdamW base optimizer, the method's transform in its
+step hooks), and a timed step is the package's own training step,
+``reflora_analysis.train.train_step``: batch, forward, backward, the non-finite checks of
+every gradient and weight, ``optimizer.step()`` (the method's hooks inside), ``zero_grad``.
 
 Model sizes (``--model-size``):
 
@@ -19,16 +20,18 @@ LoRA: r = 16, alpha = 32, on q, k, v, o, gate, up, down. The factors start at PE
 PEFT start (``lora_B = 0``) RefLoRA needs ``warmup_steps`` anyway, and a singular Gram would
 time the degenerate-Gram path instead of the normal one.
 
-Timing: after ``--warmup`` untimed steps per method, ``--repeats`` rounds; in each round every
-method runs ``--steps`` timed steps, methods taken in turn (a rotated order each round), so
-background load on a shared machine hits all of them alike. Before each method's turn the LoRA
-weights are reset to the common start (outside the timed region; optimizer state is kept).
-``ms/step`` is the median over all timed steps; ``ratio`` is the method's ``ms/step`` over
+Timing: ``reflora_analysis.experiments.round_robin``, the package's one step timer (also the
+overhead notebook's): ``--warmup`` untimed steps per method, then ``--repeats`` rounds; in each
+round every method runs ``--steps`` timed steps, methods taken in turn (a rotated order each
+round), so background load on a shared machine hits all of them alike. Before each method's turn
+the LoRA weights are reset to the common start (outside the timed region; optimizer state is
+kept). ``ms/step`` is the median over all timed steps; ``ratio`` is the method's ``ms/step`` over
 lora's, and in brackets the range over rounds of (method's median in the round / lora's median
 in the same round), a direct view of the noise; ``opt ms`` is the median time of
-``optimizer.step()`` alone (AdamW + the method's hooks; minus lora's it is the hooks' cost) and
-``fwd+bwd ms`` that of the forward and backward pass, the same computation for every method, so
-its spread across methods is pure machine noise. ``ratio from opt.step`` is
+``optimizer.step()`` alone (AdamW + the method's hooks, timed by the same timer through torch's
+global optimizer-step hooks; minus lora's it is the hooks' cost) and ``rest ms`` that of the rest
+of the step (forward, backward, finiteness checks, ``zero_grad``), the same computation for every
+method, so its spread across methods is pure machine noise. ``ratio from opt.step`` is
 ``1 + (opt.step ms - lora's opt.step ms) / lora's ms/step``: the overhead with that noise
 removed (the methods differ only inside ``optimizer.step()``; on CUDA the timed regions are
 synchronised, so nothing of the step leaks into the next forward).
@@ -63,7 +66,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -78,7 +80,6 @@ MODEL_SIZES = {  # LlamaConfig fields and the batch (rows, tokens)
                num_attention_heads=32, num_key_value_heads=4, vocab_size=32000, batch=(4, 512)),
 }
 LORA_RANK, LORA_ALPHA, LR = 16, 32.0, 1e-4
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 MB = 2.0**20
 
 
@@ -154,63 +155,48 @@ def state_bytes(optimizer: torch.optim.Optimizer, transform, model: nn.Module) -
     return sum(storages.values())
 
 
+def as_task(model, batch, pairs):
+    """The model and its one batch as a ``reflora_analysis`` task (what ``build_run`` trains)."""
+    from reflora_analysis.tasks import Task
+
+    return Task(name="llama-benchmark", model=model, pairs=pairs,
+                loss=lambda b: model(**b).loss, batch=lambda step: batch, evaluate=dict,
+                default_lr={"adamw": LR, "sgd": LR})
+
+
 @dataclass
 class Runner:
-    """One method's optimizer on the shared model, and what was measured for it."""
+    """One method's training run on the shared model, and what was measured for it."""
 
     name: str
-    optimizer: torch.optim.Optimizer
-    transform: object
+    run: object  # reflora_analysis.train.Run
     step_times: list[list[float]] = field(default_factory=list)  # per round
     opt_times: list[float] = field(default_factory=list)
-    fb_times: list[float] = field(default_factory=list)  # forward + backward
+    fb_times: list[float] = field(default_factory=list)  # the rest of the step
     peak_bytes: int = 0
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def train_steps(model, batch, runner: Runner, n: int, clock, device) -> tuple[list, list]:
-    """``n`` training steps of ``runner``; returns (step seconds, optimizer.step seconds)."""
-    steps, opts = [], []
-    for _ in range(n):
-        sync(device)
-        t0 = clock()
-        loss = model(**batch).loss
-        loss.backward()
-        sync(device)
-        t1 = clock()
-        runner.optimizer.step()
-        sync(device)
-        t2 = clock()
-        runner.optimizer.zero_grad(set_to_none=True)
-        steps.append(t2 - t0)
-        opts.append(t2 - t1)
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"{runner.name}: non-finite loss {loss.item()} while timing")
-    return steps, opts
+    before: int = 0
+    own: int = 0
 
 
 def run(args) -> dict[str, Runner]:
-    from reflora_analysis.methods import build_optimizer
+    from reflora_analysis.experiments.timing import make_run, round_robin, run_step
     from reflora_analysis.pairs import find_lora_pairs
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    clock = CLOCKS[args.clock]
     model, batch = build_model(args.model_size, device, dtype, batch=args.batch)
     pairs = find_lora_pairs(model)
+    task = as_task(model, batch, pairs)
     lora_params = [p for pair in pairs for p in pair.params]
     start = [p.detach().clone() for p in lora_params]
     n_params = sum(p.numel() for p in model.parameters())
     lora_bytes = sum(p.numel() * p.element_size() for p in lora_params)
-    base_bytes = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    runners = {}
-    for name in args.methods:
-        opt, transform = build_optimizer(name, model, optimizer="adamw", lr=LR)
-        runners[name] = Runner(name, opt, transform)
+    cuda = device.type == "cuda"
+    base_bytes = torch.cuda.memory_allocated(device) if cuda else 0
+    total = args.warmup + args.repeats * args.steps + 1  # the end step updates nothing
+    runners = {name: Runner(name, make_run(task, name, optimizer="adamw", lr=LR,
+                                           device=args.device, steps=total))
+               for name in args.methods}
     print(f"# training_overhead: model={args.model_size} ({n_params / 1e6:.1f} M params, "
           f"{len(pairs)} LoRA pairs, r={LORA_RANK}, LoRA params {lora_bytes / MB:.2f} MB = "
           f"{sum(p.numel() for p in lora_params) / 1e6:.3f} M) batch={tuple(batch['input_ids'].shape)} "
@@ -218,41 +204,41 @@ def run(args) -> dict[str, Runner]:
           f"clock={args.clock} steps={args.steps} repeats={args.repeats} warmup={args.warmup} "
           f"optimizer=AdamW lr={LR} torch={torch.__version__}", flush=True)
 
-    def reset_weights():
-        with torch.no_grad():
+    def before_turn(name: str, timed: bool) -> None:
+        with torch.no_grad():  # every turn starts from the common weights
             for p, p0 in zip(lora_params, start):
                 p.copy_(p0)
+        if timed and cuda:
+            r = runners[name]
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            r.before = torch.cuda.memory_allocated(device)
+            r.own = state_bytes(r.run.optimizer, r.run.transform, model)
 
-    order = list(runners.values())
-    for r in order:  # warm-up: allocator, lazy optimizer state, first-step initialisations
-        reset_weights()
-        train_steps(model, batch, r, args.warmup, clock, device)
-    for k in range(args.repeats):
-        rotated = order[k % len(order):] + order[:k % len(order)]
-        for r in rotated:
-            reset_weights()
-            if device.type == "cuda":
-                sync(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-                own = state_bytes(r.optimizer, r.transform, model)
-            steps, opts = train_steps(model, batch, r, args.steps, clock, device)
-            r.step_times.append(steps)
-            r.opt_times.extend(opts)
-            r.fb_times.extend(s - o for s, o in zip(steps, opts))
-            if device.type == "cuda":
-                peak = base_bytes + own + torch.cuda.max_memory_allocated(device) - before
-                r.peak_bytes = max(r.peak_bytes, peak)
+    def after_turn(name: str, timed: bool) -> None:
+        if timed and cuda:
+            r = runners[name]
+            peak = base_bytes + r.own + torch.cuda.max_memory_allocated(device) - r.before
+            r.peak_bytes = max(r.peak_bytes, peak)
+
+    times = round_robin({name: (lambda r: lambda step: run_step(r.run, step))(r)
+                         for name, r in runners.items()},
+                        rounds=args.repeats, per_turn=args.steps, warmup=args.warmup,
+                        device=args.device, clock=args.clock, before_turn=before_turn,
+                        after_turn=after_turn, time_optimizer=True)
+    for name, r in runners.items():
+        r.step_times, r.opt_times = times[name].rounds, times[name].optimizer_seconds
+        r.fb_times = [s - o for s, o in zip(times[name].seconds, r.opt_times)]
     report(args, runners, model, lora_bytes)
     return runners
 
 
 def report(args, runners: dict[str, Runner], model, lora_bytes: int) -> None:
     lora = runners["lora"]
-    states = {n: state_bytes(r.optimizer, r.transform, model) for n, r in runners.items()}
+    states = {n: state_bytes(r.run.optimizer, r.run.transform, model) for n, r in runners.items()}
     cuda = args.device.startswith("cuda")
     mem = {n: (r.peak_bytes if cuda else states[n]) for n, r in runners.items()}
-    header = ("method", "ms/step", "fwd+bwd ms", "opt.step ms",
+    header = ("method", "ms/step", "rest ms", "opt.step ms",
               "ratio vs lora [range over rounds]", "ratio from opt.step", "state MB", "peak MB",
               "extra MB vs lora", "extra <= LoRA params")
     print("| " + " | ".join(header) + " |")

@@ -29,11 +29,23 @@ Before writing, every floating tensor is checked to be finite: a diverged state 
 
 RNG states are stored as tensors and plain tuples so that ``torch.load(weights_only=True)``
 (the safe loader, no arbitrary pickle) reads them back.
+
+A run's files
+-------------
+:class:`RunLog` owns the three files of a run at ``out``: the JSON lines (``run.jsonl``,
+one flushed line per logged step), the metadata (``run.meta.json``: identity, versions,
+status, summary; rewritten atomically at start and end) and the checkpoint path
+(``run.ckpt.pt``, :func:`checkpoint_path`). It refuses to replace an earlier run's files
+(:meth:`RunLog.refuse_to_replace`, every rank alike), truncates the lines after a
+checkpoint on resume (:meth:`RunLog.truncate`) and keeps the records in memory (also when
+``out`` is None). Under ``torch.distributed`` only rank 0 writes.
 """
 
 from __future__ import annotations
 
+import platform
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +53,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .io import atomic_save_torch
+from .distributed import DistributedContext
+from .io import (JsonLinesWriter, atomic_save_torch, atomic_write_json, to_jsonable,
+                 truncate_json_lines)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -51,8 +65,13 @@ __all__ = [
     "trainable_state",
     "load_trainable_state",
     "first_nonfinite",
+    "first_nonfinite_tensor",
     "save_checkpoint",
     "load_checkpoint",
+    "restore_training_state",
+    "checkpoint_path",
+    "meta_path",
+    "RunLog",
 ]
 
 FORMAT_VERSION = 2
@@ -141,6 +160,24 @@ def first_nonfinite(obj: Any, prefix: str = "") -> str | None:
     return None
 
 
+def first_nonfinite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first tensor of ``{name: tensor}`` holding NaN/Inf, else None.
+
+    The common (finite) case costs one host-device sync in all: the per-tensor flags are
+    reduced on the device first; only a failure is searched tensor by tensor.
+    """
+    if not tensors:
+        return None
+    flags = [torch.isfinite(t).all() for t in tensors.values()]
+    if len({f.device for f in flags}) == 1:
+        finite = bool(torch.stack(flags).all())
+    else:  # a model spread over several devices: one sync per tensor
+        finite = all(bool(f) for f in flags)
+    if finite:
+        return None
+    return next((name for name, t in tensors.items() if not bool(torch.isfinite(t).all())), None)
+
+
 def save_checkpoint(path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     transform=None, identity: dict | None = None, elapsed: float = 0.0,
                     rng: dict | None = None, extra: dict | None = None) -> dict:
@@ -199,12 +236,15 @@ def _why_unreadable(path: Path, exc: Exception) -> str:
     return f"cannot read checkpoint: {type(exc).__name__}{': ' + first if first else ''}"
 
 
-def load_checkpoint(path) -> dict:
+def load_checkpoint(path, *, identity: dict | None = None) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` (safe ``weights_only`` loader).
 
     Raises ``FileNotFoundError`` if missing and ``ValueError`` if unreadable or of another
     format; the message is one line, ``not a reflora-analysis checkpoint: PATH (why)`` for a
     file that is not one (a text or JSON file, another program's ``torch.save`` file).
+    With ``identity`` (a run's :meth:`~reflora_analysis.config.RunConfig.identity`), a
+    checkpoint written by a different run is refused too (``ValueError`` naming the keys
+    that differ).
     """
     path = Path(path)
     if not path.is_file():
@@ -229,4 +269,155 @@ def load_checkpoint(path) -> dict:
     if missing:
         raise ValueError(f"not a reflora-analysis checkpoint: {path} (format {ckpt['format']} "
                          f"but no {', '.join(map(repr, missing))} entry)")
+    if identity is not None:
+        saved = ckpt.get("identity") or {}
+        if to_jsonable(saved) != to_jsonable(identity):
+            diff = [k for k in identity if to_jsonable(saved.get(k)) != to_jsonable(identity[k])]
+            raise ValueError(f"checkpoint {path} was written by a different run "
+                             f"(differs in: {', '.join(diff)}); use another --out or drop --resume")
     return ckpt
+
+
+def restore_training_state(ckpt: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Inverse of :func:`save_checkpoint`: trainable weights, buffers, the optimizer state
+    (which restores an attached transform through its state-dict hook) and every RNG."""
+    load_trainable_state(model, ckpt["trainable"])
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in ckpt["buffers"].items():
+            if name in buffers:
+                buffers[name].copy_(value)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    restore_rng_state(ckpt["rng"])
+
+
+# ---- a run's files ------------------------------------------------------------------------
+
+def checkpoint_path(out) -> Path:
+    """``run.jsonl`` -> ``run.ckpt.pt`` (the latest checkpoint of that run)."""
+    return Path(out).with_suffix(".ckpt.pt")
+
+
+def meta_path(out) -> Path:
+    """``run.jsonl`` -> ``run.meta.json`` (config, versions, status and summary)."""
+    return Path(out).with_suffix(".meta.json")
+
+
+def _versions() -> dict[str, str]:
+    from . import __version__
+    versions = {"reflora_analysis": __version__, "python": platform.python_version(),
+                "torch": torch.__version__, "numpy": np.__version__, "platform": platform.platform()}
+    for name in ("peft", "transformers"):
+        module = sys.modules.get(name)
+        if module is not None:
+            versions[name] = getattr(module, "__version__", "?")
+    return versions
+
+
+class RunLog:
+    """The JSON lines, metadata and checkpoint path of one run at ``out`` (module docstring).
+
+    ``out=None`` keeps the records in memory only. Use: :meth:`prepare` (before anything is
+    built: the directory, the refusal), :meth:`truncate` (on resume), :meth:`open` (writes
+    the ``running`` meta), :meth:`append` per logged step, :meth:`close` (final meta).
+    ``records`` holds every logged record of the run (on resume: the kept lines first).
+    """
+
+    def __init__(self, out=None, *, dist: DistributedContext | None = None):
+        self.path = None if out is None else Path(out)
+        self.dist = dist if dist is not None else DistributedContext.current()
+        self.records: list[dict] = []
+        self._writer: JsonLinesWriter | None = None
+        self._meta: dict = {}
+        self._tail: dict = {}
+
+    @property
+    def meta_path(self) -> Path | None:
+        return None if self.path is None else meta_path(self.path)
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        return None if self.path is None else checkpoint_path(self.path)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the files (a path is set and this is rank 0)."""
+        return self.path is not None and self.dist.is_main
+
+    def existing(self) -> list[Path]:
+        """The files of a previous run at ``out``: its log, meta and checkpoint, those that exist."""
+        if self.path is None:
+            return []
+        return [p for p in (self.path, self.meta_path, self.checkpoint_path) if p.exists()]
+
+    def refuse_to_replace(self) -> None:
+        """``FileExistsError`` (every rank alike) if a previous run's files are at ``out``.
+
+        Rank 0 looks, then tells the other ranks, so all of them raise (or none) even when
+        they reach this point at different times."""
+        found = self.existing() if self.dist.is_main else []
+        message = None
+        if found:
+            message = (f"{found[0]} already exists (a previous run); pass --resume to continue it "
+                       f"or --overwrite to replace it (train.run: resume=True / overwrite=True)")
+        message = self.dist.broadcast(message)
+        if message is not None:
+            raise FileExistsError(message)
+
+    def prepare(self, *, resume: bool = False, overwrite: bool = False) -> None:
+        """Create ``out``'s directory (``ValueError`` if impossible) and, unless ``resume`` or
+        ``overwrite``, refuse an earlier run's files. Writes no file."""
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"cannot create output directory {self.path.parent}: "
+                             f"{err.strerror}") from None
+        if not resume and not overwrite:
+            self.refuse_to_replace()
+
+    def truncate(self, step: int) -> list[dict]:
+        """Keep the lines before ``step`` (a resume re-runs the rest); returns them."""
+        if self.writes and self.path.exists():
+            self.records = truncate_json_lines(self.path, lambda r: r.get("step", -1) < step)
+        return self.records
+
+    def open(self, config, *, start: int = 0, overwrite: bool = False) -> None:
+        """Start writing for the resolved ``config`` (a :class:`~reflora_analysis.config.RunConfig`).
+
+        A fresh run (``start == 0``) removes the old log, and with ``overwrite`` the old
+        checkpoint (a later resume must not pick it up); the ``running`` meta is written.
+        """
+        from . import __version__
+        self._meta = {**config.identity(), "steps": config.steps}
+        self._tail = {"reflora_analysis_version": __version__, "versions": _versions(),
+                      "device": config.device}
+        if not self.writes:
+            return
+        if start == 0:
+            for path in [self.path] + ([self.checkpoint_path] if overwrite else []):
+                path.unlink(missing_ok=True)
+        self._writer = JsonLinesWriter(self.path)
+        atomic_write_json(self.meta_path, {**self._meta, "status": "running", **self._tail})
+
+    def append(self, record: dict) -> None:
+        """Keep ``record`` and, on rank 0 with a path, append it as one flushed JSON line."""
+        self.records.append(record)
+        if self._writer is not None:
+            self._writer.write(record)
+
+    def close(self, status: str, error: str | None = None, *, skipped: int = 0,
+              elapsed: float = 0.0) -> None:
+        """Close the lines and write the final meta: ``status`` (``completed``, ``diverged``,
+        ``failed``), ``error``, skipped steps, the last logged step, loss and evaluation."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        final = next((r for r in reversed(self.records) if "loss" in r), {})
+        atomic_write_json(self.meta_path, {
+            **self._meta, "status": status, "error": error, **self._tail,
+            "skipped_steps": skipped, "final_step": final.get("step"),
+            "final_loss": final.get("loss"), "elapsed": elapsed,
+            "final_eval": {k: v for k, v in final.items() if k.startswith("eval/")}})

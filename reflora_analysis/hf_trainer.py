@@ -29,7 +29,8 @@ from typing import Any
 
 from transformers import Trainer
 
-from .methods import METHODS, available_methods, build_optimizer
+from .config import ConfigError, OptimizerConfig
+from .methods import METHODS, build_optimizer
 
 __all__ = ["RefTrainer", "SUPPORTED_OPTIM"]
 
@@ -47,10 +48,17 @@ class RefTrainer(Trainer):
         One of :func:`reflora_analysis.methods.available_methods` (default ``"reflora"``).
     lora_hparams : dict, optional
         The method's hyper-parameters (e.g. ``{"warmup_steps": 100}`` for RefLoRA,
-        ``{"ratio": 16}`` for LoRA+).
+        ``{"ratio": 16}`` for LoRA+), and the base optimizer's keywords (``momentum``,
+        ``nesterov`` for SGD; ``betas``, ``eps`` for AdamW, which then replace the
+        ``TrainingArguments``' ``adam_*`` values). Checked at construction by the rules of a
+        run's configuration (:class:`reflora_analysis.config.OptimizerConfig`).
 
     Attributes
     ----------
+    lora_config : OptimizerConfig
+        The validated method, base optimizer, ``learning_rate`` and hyper-parameters the
+        optimizer is built from (``weight_decay`` and the AdamW ``betas``/``eps`` taken from
+        the ``TrainingArguments``).
     lora_transform : PairTransform | None
         The transform attached to the optimizer (``None`` before training or for methods
         without one).
@@ -58,9 +66,11 @@ class RefTrainer(Trainer):
 
     def __init__(self, *args, lora_method: str = "reflora", lora_hparams: dict | None = None,
                  **kwargs):
-        if not isinstance(lora_method, str) or lora_method not in METHODS:
+        try:  # the method's name first: fail before the Trainer is set up
+            lora_method = OptimizerConfig(lora_method).method  # normalised (stripped, lower case)
+        except ConfigError as exc:
             raise ValueError(f"unknown lora_method {lora_method!r}; valid methods: "
-                             f"{', '.join(available_methods())}")
+                             f"{', '.join(exc.valid or [])}") from None
         if kwargs.get("optimizers", (None, None))[0] is not None:
             raise ValueError("RefTrainer builds its own optimizer from lora_method; do not pass "
                              "optimizers=(optimizer, ...)")
@@ -68,35 +78,35 @@ class RefTrainer(Trainer):
         self.lora_hparams: dict[str, Any] = dict(lora_hparams or {})
         self.lora_transform = None
         super().__init__(*args, **kwargs)
-        base = self._base_optimizer_name()  # fail at construction, not after data loading
-        unknown = [k for k in self.lora_hparams
-                   if k not in METHODS[lora_method].hparams
-                   and k not in ("momentum", "nesterov", "betas", "eps")]
-        if unknown:
-            raise ValueError(f"unknown lora_hparams {unknown} for {lora_method!r}; valid: "
-                             f"{', '.join(METHODS[lora_method].hparams) or '(none)'}")
-        self._base = base
+        self.lora_config = self._lora_config()  # fail at construction, not after data loading
 
-    def _base_optimizer_name(self) -> str:
+    def _lora_config(self) -> OptimizerConfig:
+        """The method part of a run's config, from ``lora_*`` and the ``TrainingArguments``."""
         optim = getattr(self.args.optim, "value", self.args.optim)
         if optim not in SUPPORTED_OPTIM:
             raise ValueError(f"RefTrainer supports optim in {', '.join(SUPPORTED_OPTIM)}, got "
                              f"{optim!r}")
-        return SUPPORTED_OPTIM[optim]
+        base = SUPPORTED_OPTIM[optim]
+        hparams: dict[str, Any] = {"weight_decay": self.args.weight_decay}
+        if base == "adamw":
+            own = METHODS[self.lora_method].hparams  # a method with its own betas/eps keeps them
+            hparams.update({k: v for k, v in (("betas", (self.args.adam_beta1, self.args.adam_beta2)),
+                                              ("eps", self.args.adam_epsilon)) if k not in own})
+        try:
+            return OptimizerConfig(self.lora_method, base, self.args.learning_rate,
+                                   {**hparams, **self.lora_hparams})
+        except ConfigError as exc:
+            if exc.option != "hparams":
+                raise
+            raise ValueError(f"unknown lora_hparams {exc.value} for {self.lora_method!r} with "
+                             f"optim {optim!r}; valid: {', '.join(exc.valid)}") from None
 
     def create_optimizer(self, model=None):
         """Build the optimizer (and attach the transform) with ``build_optimizer``."""
         if self.optimizer is not None:
             return self.optimizer
-        opt_model = self.model if model is None else model
-        base_kwargs: dict[str, Any] = {}
-        if self._base == "adamw":
-            own = METHODS[self.lora_method].hparams
-            if "betas" not in own:
-                base_kwargs["betas"] = (self.args.adam_beta1, self.args.adam_beta2)
-            if "eps" not in own:
-                base_kwargs["eps"] = self.args.adam_epsilon
+        c = self.lora_config
         self.optimizer, self.lora_transform = build_optimizer(
-            self.lora_method, opt_model, optimizer=self._base, lr=self.args.learning_rate,
-            weight_decay=self.args.weight_decay, **{**base_kwargs, **self.lora_hparams})
+            c.method, self.model if model is None else model, optimizer=c.optimizer, lr=c.lr,
+            **c.hparams)
         return self.optimizer

@@ -1,4 +1,12 @@
-"""The training loop: one flat, readable function, :func:`run`.
+"""The training loop, :func:`fit` (one screen), over public parts that can be used alone.
+
+Parts: a :class:`~reflora_analysis.config.RunConfig` (every option, validated once) ->
+:func:`build_run` (task, model, optimizer, transform, probes: a :class:`Run`) ->
+:func:`train_step` per iteration (batch, forward, backward, the non-finite policy, the
+update: a :class:`StepResult`) -> :class:`RunLog` (the JSON lines, ``.meta.json``, the
+refusal to replace an earlier run) and :func:`save_run_checkpoint` /
+:func:`restore_checkpoint`; :func:`probe_values` and :func:`evaluate` are the callbacks.
+:func:`run` is the keyword interface: it builds a ``RunConfig`` and calls :func:`fit`.
 
 Iteration ``t = 0, 1, ..., steps`` (``t`` = number of updates applied so far):
 
@@ -38,7 +46,7 @@ Files written next to ``out`` (``run.jsonl``): ``run.meta.json`` (config, versio
 ``reflora_analysis_version`` at the top level --, status, summary; rewritten atomically at
 start and end) and ``run.ckpt.pt`` (the latest checkpoint). An existing log, meta or
 checkpoint is never replaced silently: without ``resume`` (continue it) or ``overwrite``
-(replace all three) ``run`` raises ``FileExistsError`` before doing anything.
+(replace all three) the run raises ``FileExistsError`` before doing anything.
 
 Probes are checked against the task before step 0 (``Probe.check``), so a probe that cannot
 run on the task (e.g. ``bound`` on a multi-layer model) fails at once with a ``ValueError``
@@ -48,28 +56,30 @@ naming both, before any file is written.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
-import platform
 import random
 import sys
 import time
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
 import torch
+from torch import nn
 
-from . import __version__
-from .checkpoint import (PoisonedCheckpointError, load_checkpoint,
-                         load_trainable_state, restore_rng_state, save_checkpoint,
-                         capture_rng_state)
-from .io import JsonLinesWriter, atomic_write_json, to_jsonable, truncate_json_lines
-from .methods.base import BASE_OPTIMIZERS, check_lr
+from .checkpoint import (PoisonedCheckpointError, RunLog, capture_rng_state, checkpoint_path,
+                         first_nonfinite_tensor, load_checkpoint, meta_path,
+                         restore_training_state, save_checkpoint)
+from .config import RunConfig
+from .distributed import DistributedContext
 from .refactor import NonFiniteGradientError
 from .tasks.base import resolve_device
 
-__all__ = ["run", "TrainingDiverged", "checkpoint_path", "meta_path", "resolve_device",
-           "seed_everything"]
+__all__ = ["run", "fit", "build_run", "train_step", "probe_values", "evaluate",
+           "restore_checkpoint", "save_run_checkpoint", "Run", "StepResult", "RunLog",
+           "RunConfig", "TrainingDiverged", "checkpoint_path", "meta_path", "resolve_device",
+           "seed_everything", "jsonable_scalar"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,16 +94,6 @@ class TrainingDiverged(RuntimeError):
         self.step, self.layer, self.what = step, layer, what
 
 
-def checkpoint_path(out) -> Path:
-    """``run.jsonl`` -> ``run.ckpt.pt`` (the latest checkpoint of that run)."""
-    return Path(out).with_suffix(".ckpt.pt")
-
-
-def meta_path(out) -> Path:
-    """``run.jsonl`` -> ``run.meta.json`` (config, versions, status and summary)."""
-    return Path(out).with_suffix(".meta.json")
-
-
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and every CUDA device)."""
     random.seed(seed)
@@ -101,22 +101,91 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def _versions() -> dict[str, str]:
-    versions = {"reflora_analysis": __version__, "python": platform.python_version(),
-                "torch": torch.__version__, "numpy": np.__version__, "platform": platform.platform()}
-    for name in ("peft", "transformers"):
-        module = sys.modules.get(name)
-        if module is not None:
-            versions[name] = getattr(module, "__version__", "?")
-    return versions
+def jsonable_scalar(value):
+    """Tensors and numpy scalars -> float; everything else as given."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value.detach().item())  # .item() keeps float64 exact
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
-def _check_positive_int(name: str, value, *, allow_zero: bool) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return int(value)
+# ---- build ----------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    """What one run trains with, built by :func:`build_run`; the loop's only state.
+
+    ``config`` is resolved (``config.task`` is ``task``, ``config.lr`` a float), so
+    ``config.identity()`` works. ``probes`` are callables ``ProbeContext -> dict``, already
+    checked against the task. ``start``, ``elapsed`` (seconds trained before) and ``skipped``
+    (updates skipped as non-finite) change as the run goes (``restore_checkpoint`` sets them).
+    """
+
+    config: RunConfig
+    task: Any
+    optimizer: torch.optim.Optimizer
+    transform: Any
+    probes: list
+    dist: DistributedContext = field(default_factory=DistributedContext)
+    start: int = 0
+    elapsed: float = 0.0
+    skipped: int = 0
+
+    @property
+    def model(self) -> nn.Module:
+        return self.task.model
+
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
+    def probes_due(self, step: int) -> bool:
+        """Probes run at ``step``: every ``probe_every`` steps, on rank 0."""
+        return bool(self.probes) and self.is_main and step % self.config.probe_every == 0
+
+    def eval_due(self, step: int) -> bool:
+        """``task.evaluate()`` runs at ``step``: first, last, every ``eval_every``; rank 0."""
+        c = self.config
+        return self.is_main and (step in (0, c.steps) or bool(c.eval_every and step % c.eval_every == 0))
+
+    def log_due(self, step: int) -> bool:
+        """Line ``step`` is logged (a non-finite step is logged too): every ``log_every``
+        steps, the last one, and where probes or evaluation ran."""
+        c = self.config
+        return (step % c.log_every == 0 or step == c.steps or self.probes_due(step)
+                or self.eval_due(step))
+
+    @functools.cached_property
+    def params(self) -> list[nn.Parameter]:
+        """The optimizer's parameters, in its order."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    @functools.cached_property
+    def parameter_names(self) -> dict[int, str]:
+        """``id(param) -> name``: LoRA factors in paper notation (``layer.A``), others by path."""
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        for pair in getattr(self.task, "pairs", None) or ():
+            names[id(pair.a)], names[id(pair.b)] = f"{pair.name}.A", f"{pair.name}.B"
+        return names
+
+    def batch(self, step: int, *, shard: bool = True):
+        """``task.batch(step)``: this rank's shard (``shard``), floats cast to ``config.dtype``."""
+        batch = self.task.batch(step)
+        if shard and self.dist.world_size > 1:
+            batch = self.dist.shard(batch)
+        return _cast_floats(batch, self.config.dtype) if self.config.dtype is not None else batch
+
+    def autocast(self):
+        """The forward pass's context: bf16 autocast when ``config.autocast_bf16``."""
+        if not self.config.autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.config.device).type, dtype=torch.bfloat16)
+
+    def describe(self, message: str) -> str:
+        """``message (method, optimizer, lr=...)``, the suffix of every divergence message."""
+        c = self.config
+        return f"{message} ({c.method}, {c.optimizer}, lr={c.lr:g})"
 
 
 def _cast_floats(obj, dtype):
@@ -128,44 +197,6 @@ def _cast_floats(obj, dtype):
     if isinstance(obj, (list, tuple)):
         return type(obj)(_cast_floats(v, dtype) for v in obj)
     return obj
-
-
-def _parameter_names(task) -> dict[int, str]:
-    """id(param) -> readable name: LoRA factors in paper notation ("layer.A"), others by module path."""
-    names = {id(p): name for name, p in task.model.named_parameters()}
-    for pair in getattr(task, "pairs", None) or ():
-        names[id(pair.a)] = f"{pair.name}.A"
-        names[id(pair.b)] = f"{pair.name}.B"
-    return names
-
-
-def _first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """Name of the first tensor holding NaN/Inf, else None.
-
-    The common (finite) case costs one host-device sync in all: the per-tensor flags are
-    reduced on the device first; only a failure is searched tensor by tensor.
-    """
-    if not tensors:
-        return None
-    flags = [torch.isfinite(t).all() for t in tensors.values()]
-    if len({f.device for f in flags}) == 1:
-        finite = bool(torch.stack(flags).all())
-    else:  # a model spread over several devices: one sync per tensor
-        finite = all(bool(f) for f in flags)
-    if finite:
-        return None
-    for name, t in tensors.items():
-        if not bool(torch.isfinite(t).all()):
-            return name
-    return None
-
-
-def _grads_by_name(params, names: dict[int, str]) -> dict[str, torch.Tensor]:
-    return {names.get(id(p), f"<param {i}>"): p.grad for i, p in enumerate(params) if p.grad is not None}
-
-
-def _weights_by_name(params, names: dict[int, str]) -> dict[str, torch.Tensor]:
-    return {names.get(id(p), f"<param {i}>"): p.detach() for i, p in enumerate(params)}
 
 
 def _pairs_argument(task) -> dict:
@@ -189,88 +220,301 @@ def _pairs_argument(task) -> dict:
         return {"pairs": pairs}
 
 
-def _existing_outputs(out: Path) -> list[Path]:
-    """The files of a previous run at ``out``: its log, meta and checkpoint, those that exist."""
-    return [p for p in (out, meta_path(out), checkpoint_path(out)) if p.exists()]
+def build_run(config: RunConfig, task=None) -> Run:
+    """Build everything ``config`` trains: the task, its model, the optimizer and transform.
 
-
-def _refuse_to_replace(out: Path, dist_ctx) -> None:
-    """``FileExistsError`` (every rank alike) if a previous run's files are at ``out``.
-
-    Rank 0 looks, then tells the other ranks, so all of them raise (or none) even when
-    they reach this point at different times."""
-    found = _existing_outputs(out) if dist_ctx.rank == 0 else []
-    message = None
-    if found:
-        message = (f"{found[0]} already exists (a previous run); pass --resume to continue it or "
-                   f"--overwrite to replace it (train.run: resume=True / overwrite=True)")
-    if dist_ctx.world_size > 1:
-        import torch.distributed as dist
-        box = [message]
-        dist.broadcast_object_list(box, src=0)
-        message = box[0]
-    if message is not None:
-        raise FileExistsError(message)
-
-
-def _resolve_probes(probes) -> list:
-    """Probe names (``"balance,sharpness"``, or a list mixing names, :class:`Probe` objects and
-    callables ``ctx -> dict``) -> a list of callables; unknown names list the valid ones."""
-    if probes is None:
-        return []
-    if isinstance(probes, str):
-        if not probes.strip():
-            return []
-        items = [probes]
-    elif callable(probes):
-        items = [probes]
-    else:
-        try:
-            items = list(probes)
-        except TypeError:
-            raise TypeError(f"probes must be probe names, Probe objects or callables, got "
-                            f"{type(probes).__name__}") from None
-    if not any(isinstance(p, str) for p in items):
-        for p in items:
-            if not callable(p):
-                raise TypeError(f"a probe must be a name, a Probe or a callable ctx -> dict, "
-                                f"got {type(p).__name__}")
-        return items
+    Contract
+    --------
+    * seeds every generator with ``config.seed`` (:func:`seed_everything`), then takes
+      ``task`` if given (a built ``Task``, e.g. one task shared by several runs; it replaces
+      ``config.task``), else ``config.task`` if it is a ``Task``, else builds it with
+      ``make_task(config.task, seed=, device=, quick=, **config.task_options)``;
+    * checks every probe against the task (``Probe.check``: ``ValueError`` before anything
+      is trained), casts the model to ``config.dtype`` if set;
+    * resolves the config (``lr=None`` -> ``task.default_lr[optimizer]``, ``world_size``
+      from ``torch.distributed``) and builds the optimizer with
+      :func:`reflora_analysis.methods.build_optimizer` (the method's transform attached to
+      its step hooks); plain-torch models get their ``task.pairs`` passed explicitly (the
+      one place of that fallback);
+    * writes no file and takes no step: the returned :class:`Run` is at step 0 with fresh
+      optimizer state (:func:`restore_checkpoint` moves it to a checkpoint).
+    """
+    from . import tasks
+    from .methods import build_optimizer
     from .probes import make_probes
-    return make_probes(items)
-
-
-def _check_probes(probes, task) -> None:
-    """Every probe that can say what it needs (``check(task)``) is asked before step 0."""
+    dist = DistributedContext.current()
+    seed_everything(config.seed)
+    task = task if task is not None else config.task
+    if isinstance(task, str):
+        task = tasks.make_task(task, seed=config.seed, device=config.device, quick=config.quick,
+                               **config.task_options)
+    elif config.task_options and isinstance(config.task, str):
+        raise ValueError("task_overrides only apply when task is given by name")
+    probes = make_probes(list(config.probes))
     for probe in probes:
-        check = getattr(probe, "check", None)
-        if callable(check):
-            check(task)
+        if callable(getattr(probe, "check", None)):
+            probe.check(task)
+    if config.dtype is not None:
+        task.model.to(dtype=config.dtype)
+    config = config.resolve(task, world_size=dist.world_size)
+    optimizer, transform = build_optimizer(config.method, task.model, optimizer=config.optimizer,
+                                           lr=config.lr, **_pairs_argument(task), **config.hparams)
+    return Run(config, task, optimizer, transform, probes, dist)
 
 
-def _module_modes(model) -> list:
-    """Every submodule with its train/eval flag: a model may mix them (a pretrained encoder
-    loaded in eval mode under a head in train mode), which ``model.train(flag)`` would flatten."""
-    return [(m, m.training) for m in model.modules()]
+# ---- one step -------------------------------------------------------------------------------
+
+@dataclass
+class StepResult:
+    """What :func:`train_step` did at ``step``.
+
+    ``loss``: the loss at the weights before the update (cross-rank mean); ``updated``:
+    whether an optimizer update was applied; ``problem``: the non-finite loss or gradient
+    found (then no update); ``skipped``: the update was skipped under ``skip_nonfinite``;
+    ``error``: the :class:`TrainingDiverged` that must stop the run (``problem`` unless it was
+    skipped, or non-finite weights after the update), to raise once the step is logged;
+    ``seconds``: wall time of forward, backward and update (the batch's construction
+    excluded; synchronised on CUDA).
+    """
+
+    step: int
+    loss: float
+    updated: bool = False
+    problem: TrainingDiverged | None = None
+    skipped: bool = False
+    error: TrainingDiverged | None = None
+    seconds: float = 0.0
+
+    def fields(self) -> dict:
+        """The JSON-line fields of the non-finite policy: ``nonfinite``, ``skipped``."""
+        if self.problem is None:
+            return {}
+        return {"nonfinite": self.problem.what, "skipped": self.skipped}
 
 
-def _restore_module_modes(modes) -> None:
-    for m, flag in modes:
-        m.training = flag
+def _sync(run: Run) -> None:
+    if torch.device(run.config.device).type == "cuda":
+        torch.cuda.synchronize(run.config.device)
 
 
-def _float(x) -> float:
-    # .item() keeps float64 exact (a .float() first would round the logged loss to float32)
-    return float(x.detach().item()) if isinstance(x, torch.Tensor) else float(x)
+def _gradient_problem(run: Run, step: int) -> TrainingDiverged | None:
+    """Backward has run: average across ranks, then the first non-finite gradient, if any."""
+    params = run.params
+    if run.dist.world_size > 1:
+        run.dist.average_gradients(params)
+    names = run.parameter_names
+    bad = first_nonfinite_tensor({names.get(id(p), f"<param {i}>"): p.grad
+                                  for i, p in enumerate(params) if p.grad is not None})
+    if bad is not None:
+        message = run.describe(f"non-finite gradient at step {step} in layer {bad}")
+        return TrainingDiverged(f"{message}; lower the step size or pass --skip-nonfinite",
+                                step=step, layer=bad, what="gradient")
+    return None
 
 
-def _jsonable_scalar(value):
-    """Tensors and numpy scalars -> float; everything else as given."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return _float(value)
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
+def _update(run: Run, step: int) -> TrainingDiverged | None:
+    """``optimizer.step()`` (the transform runs in its hooks); its non-finite refusal as a problem."""
+    try:
+        run.optimizer.step()
+    except NonFiniteGradientError as exc:
+        return TrainingDiverged(run.describe(str(exc)), step=step,
+                                layer=getattr(exc, "layer", None), what="gradient")
+    return None
+
+
+def _weights_error(run: Run, step: int) -> TrainingDiverged | None:
+    names = run.parameter_names
+    bad = first_nonfinite_tensor({names.get(id(p), f"<param {i}>"): p.detach()
+                                  for i, p in enumerate(run.params)})
+    if bad is None:
+        return None
+    message = run.describe(f"weights became non-finite in layer {bad} after the update of step {step}")
+    return TrainingDiverged(f"{message}; lower the step size", step=step, layer=bad, what="weights")
+
+
+def train_step(run: Run, step: int) -> StepResult:
+    """Iteration ``step`` of ``run``: batch, forward, backward, non-finite policy, update.
+
+    Contract
+    --------
+    * the batch is ``task.batch(step)`` (this rank's shard, cast to ``config.dtype``), its
+      loss computed under ``run.autocast()``; the logged ``loss`` is the cross-rank mean;
+    * ``step < config.steps``: backward, gradients averaged across ranks, every gradient
+      checked finite, ``optimizer.step()`` (the method's transform in its hooks),
+      ``zero_grad(set_to_none=True)``, every weight checked finite. ``step == config.steps``
+      (the end point): the loss alone, under ``no_grad``, no update;
+    * non-finite policy: a NaN/Inf loss or gradient leaves the weights untouched and sets
+      ``problem``; with ``config.skip_nonfinite`` the update is counted as skipped
+      (``run.skipped``) and the run goes on, otherwise ``error`` is set. Non-finite weights
+      after an update always set ``error``. Nothing is raised here: the caller logs the step,
+      then raises ``result.error`` (:func:`fit` does);
+    * ``seconds`` times forward, backward and update with one timer (CUDA synchronised at
+      both ends), for overhead measurements; probes, evaluation, logging and checkpoints are
+      not part of a step.
+    """
+    batch, last = run.batch(step), step == run.config.steps
+    _sync(run)
+    begin = time.perf_counter()
+    with (torch.no_grad() if last else contextlib.nullcontext()), run.autocast():
+        loss = run.task.loss(batch)
+    loss_value = float(run.dist.mean(loss.detach()).item())  # .item(): float64 stays exact
+    problem = None
+    if not math.isfinite(loss_value):
+        message = run.describe(f"loss is {loss_value} at step {step}")
+        problem = TrainingDiverged(f"{message}; lower the step size or pass --skip-nonfinite",
+                                   step=step, what="loss")
+    elif not last:
+        loss.backward()
+        problem = _gradient_problem(run, step) or _update(run, step)
+        run.optimizer.zero_grad(set_to_none=True)
+    result = StepResult(step, loss_value, updated=not last and problem is None, problem=problem)
+    if problem is not None and run.config.skip_nonfinite:
+        result.skipped = not last
+        run.skipped += int(result.skipped)
+        if run.is_main:
+            print(f"reflora-analysis: skipped step {step}: {problem}", file=sys.stderr)
+    elif problem is not None:
+        result.error = problem
+    elif result.updated:
+        result.error = _weights_error(run, step)
+    _sync(run)
+    result.seconds = time.perf_counter() - begin
+    return result
+
+
+# ---- callbacks: probes and evaluation ------------------------------------------------------
+
+@contextlib.contextmanager
+def _modes_kept(model: nn.Module):
+    """Restore every submodule's train/eval flag afterwards (a model may mix them, which
+    ``model.train(flag)`` would flatten)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+def probe_values(run: Run, step: int, *, progress: bool = False) -> dict:
+    """Every probe of ``run`` at the current weights (the whole ``task.batch(step)``), as
+    ``{"<probe>/<quantity>": value}``; ``{}`` when no probe is due at ``step`` or on a rank
+    other than 0. ``progress``: long probes show their own progress bars."""
+    config = run.config
+    if not run.probes_due(step):
+        return {}
+    from .probes import ProbeContext
+    # during warm-up / between interval steps the coming update is plain LoRA's
+    ctx = ProbeContext(task=run.task, method=config.method, optimizer=config.optimizer,
+                       lr=config.lr, step=step, batch=run.batch(step, shard=False),
+                       hparams=dict(config.hparams), progress=progress,
+                       active=run.transform is None or run.transform.is_active())
+    values = {}
+    with _modes_kept(run.model):
+        for probe in run.probes:
+            values.update({k: jsonable_scalar(v) for k, v in probe(ctx).items()})
+    return values
+
+
+def evaluate(run: Run, step: int) -> dict:
+    """``task.evaluate()`` as ``{"eval/<metric>": value}`` at the first and last step and every
+    ``eval_every``; ``{}`` otherwise and on ranks other than 0."""
+    if not run.eval_due(step):
+        return {}
+    with _modes_kept(run.model), torch.no_grad():
+        return {f"eval/{k}": jsonable_scalar(v) for k, v in run.task.evaluate().items()}
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+
+def save_run_checkpoint(run: Run, log: RunLog, step: int, elapsed: float) -> None:
+    """Save the state before iteration ``step`` to ``log.checkpoint_path`` when one is due
+    (every ``checkpoint_every`` steps and at the last one, after the first iteration of this
+    invocation, rank 0 only); RNG captured here, at the iteration boundary."""
+    every = run.config.checkpoint_every
+    if not (every and run.is_main and step > run.start
+            and (step % every == 0 or step == run.config.steps)):
+        return
+    save_checkpoint(log.checkpoint_path, step=step, model=run.model, optimizer=run.optimizer,
+                    transform=run.transform, identity=run.config.identity(), elapsed=elapsed,
+                    rng=capture_rng_state(), extra={"skipped": run.skipped})
+
+
+def restore_checkpoint(run: Run, log: RunLog) -> int:
+    """Continue ``run`` from ``log``'s checkpoint, if there is one; returns the start step.
+
+    Refuses (``ValueError``) a checkpoint of another run (its identity differs) or one past
+    ``config.steps``; loads weights, buffers, optimizer and transform state and every RNG;
+    sets ``run.start``, ``run.elapsed``, ``run.skipped``; truncates the log to the lines
+    before the checkpoint step (rank 0). Without a checkpoint: a note, and step 0.
+    """
+    path = log.checkpoint_path
+    if not path.is_file():
+        if run.is_main:
+            print(f"reflora-analysis: no checkpoint at {path}; starting from step 0", file=sys.stderr)
+        return 0
+    ckpt = load_checkpoint(path, identity=run.config.identity())
+    if ckpt["step"] > run.config.steps:
+        raise ValueError(f"checkpoint {path} is at step {ckpt['step']} > steps={run.config.steps}")
+    restore_training_state(ckpt, run.model, run.optimizer)
+    run.start, run.elapsed = ckpt["step"], ckpt["elapsed"]
+    run.skipped = int(ckpt["extra"].get("skipped", 0))
+    log.truncate(run.start)
+    if run.is_main:
+        print(f"reflora-analysis: resuming from {path} at step {run.start}", file=sys.stderr)
+    return run.start
+
+
+# ---- the loop -------------------------------------------------------------------------------
+
+def _progress_bar(run: Run):
+    if not (run.config.progress and run.is_main and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+    return tqdm(total=run.config.steps, initial=run.start, unit="step", file=sys.stderr,
+                desc=f"{run.task.name}/{run.config.method}", dynamic_ncols=True)
+
+
+def fit(config: RunConfig, task=None) -> list[dict]:
+    """Train as ``config`` says; return the logged records (also written to ``config.out``).
+
+    ``task``: a built ``Task`` to use instead of ``config.task`` (see :func:`build_run`).
+    Raises as :func:`run` does.
+    """
+    log = RunLog(config.out, dist=DistributedContext.current())
+    log.prepare(resume=config.resume, overwrite=config.overwrite)  # before anything is built
+    run = build_run(config, task)
+    if config.resume:
+        restore_checkpoint(run, log)
+    log.open(run.config, start=run.start, overwrite=config.overwrite)
+    bar = _progress_bar(run)
+    t0 = time.perf_counter() - run.elapsed
+    c = run.config
+    try:
+        for t in range(run.start, c.steps + 1):
+            save_run_checkpoint(run, log, t, elapsed=time.perf_counter() - t0)
+            values = {**probe_values(run, t, progress=bar is not None), **evaluate(run, t)}
+            result = train_step(run, t)
+            record = {"step": t, "loss": result.loss, "lr": c.lr, "time": time.perf_counter() - t0,
+                      "method": c.method, "optimizer": c.optimizer, **values, **result.fields()}
+            if result.problem or run.log_due(t):
+                log.append(record)
+            if bar is not None:
+                bar.update(0 if t == run.start else 1)
+                bar.set_postfix(loss=f"{result.loss:.4g}")
+            if result.error is not None:
+                raise result.error
+    except BaseException as exc:
+        diverged = isinstance(exc, (TrainingDiverged, PoisonedCheckpointError))
+        error = str(exc) if diverged else f"{type(exc).__name__}: {exc}"
+        log.close("diverged" if diverged else "failed", error, skipped=run.skipped,
+                  elapsed=time.perf_counter() - t0)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    log.close("completed", None, skipped=run.skipped, elapsed=time.perf_counter() - t0)
+    return log.records
 
 
 def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, steps: int,
@@ -280,6 +524,9 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
         autocast_bf16: bool = False, task_overrides: dict | None = None, overwrite: bool = False,
         **method_hparams) -> list[dict]:
     """Train ``task`` with ``method`` and return the logged records (also written to ``out``).
+
+    Builds a :class:`~reflora_analysis.config.RunConfig` from the arguments (every check
+    happens there, before anything is built or written) and runs :func:`fit`.
 
     Parameters
     ----------
@@ -330,239 +577,10 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
     >>> from reflora_analysis.train import run
     >>> records = run("mf", "reflora", steps=100, out="mf-reflora.jsonl")  # doctest: +SKIP
     """
-    # ---- arguments -------------------------------------------------------------------
-    steps = _check_positive_int("steps", steps, allow_zero=False)
-    seed = _check_positive_int("seed", seed, allow_zero=True)
-    probe_every = _check_positive_int("probe_every", probe_every, allow_zero=True)
-    log_every = _check_positive_int("log_every", log_every, allow_zero=False)
-    eval_every = _check_positive_int("eval_every", eval_every, allow_zero=True)
-    checkpoint_every = _check_positive_int("checkpoint_every", checkpoint_every, allow_zero=True)
-    if lr is not None:
-        try:
-            lr = check_lr(lr)  # the rule build_optimizer applies, checked before any set-up
-        except (TypeError, ValueError):
-            raise ValueError(f"lr must be a finite number > 0, got {lr!r}") from None
-    # build_optimizer's rule too (stripped, lower case); normalised here because the name
-    # also picks task.default_lr and goes into the run's identity
-    if not isinstance(optimizer, str) or optimizer.strip().lower() not in BASE_OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid: {', '.join(BASE_OPTIMIZERS)}")
-    optimizer = optimizer.strip().lower()
-    if (checkpoint_every or resume) and out is None:
-        raise ValueError("checkpoint_every/resume need out= (the checkpoint lives next to the JSON lines)")
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other: resume continues the run at "
-                         "out, overwrite replaces it")
-    if out is not None:
-        out = Path(out)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"cannot create output directory {out.parent}: {err.strerror}") from None
-    dev = resolve_device(device)
-    probes = _resolve_probes(probes)
-    if probes and not probe_every:
-        raise ValueError("probes were given but probe_every is 0; pass probe_every=K")
-
-    from .distributed import DistributedContext
-    dist_ctx = DistributedContext.current()
-    is_main = dist_ctx.rank == 0
-    if out is not None and not resume and not overwrite:
-        _refuse_to_replace(out, dist_ctx)
-
-    # ---- task, model, optimizer -------------------------------------------------------
-    seed_everything(seed)
-    if isinstance(task, str):
-        from .tasks import make_task
-        task = make_task(task, seed=seed, device=str(dev), **(task_overrides or {}))
-    elif task_overrides:
-        raise ValueError("task_overrides only apply when task is given by name")
-    _check_probes(probes, task)  # before anything is built on it or written
-    model = task.model
-    if dtype is not None:
-        model.to(dtype=dtype)
-    if lr is None:
-        try:
-            lr = float(task.default_lr[optimizer])
-        except (KeyError, TypeError):
-            raise ValueError(f"task {task.name!r} has no default lr for {optimizer!r}; pass lr") from None
-    from .methods import build_optimizer
-    opt, transform = build_optimizer(method, model, optimizer=optimizer, lr=lr,
-                                     **_pairs_argument(task), **method_hparams)
-    params = [p for group in opt.param_groups for p in group["params"]]
-    names = _parameter_names(task)
-    autocast = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if autocast_bf16
-                else contextlib.nullcontext())
-
-    identity = {"task": task.name, "task_config": getattr(task, "config", {}), "method": method,
-                "optimizer": optimizer, "lr": lr, "seed": seed,
-                "hparams": dict(sorted(method_hparams.items())),
-                "dtype": str(dtype) if dtype is not None else None, "autocast_bf16": autocast_bf16,
-                "world_size": dist_ctx.world_size}
-
-    # ---- resume ------------------------------------------------------------------------
-    start, elapsed_before, skipped = 0, 0.0, 0
-    records: list[dict] = []
-    ckpt_file = checkpoint_path(out) if out is not None else None
-    if resume and ckpt_file.is_file():
-        ckpt = load_checkpoint(ckpt_file)
-        if to_jsonable(ckpt["identity"]) != to_jsonable(identity):
-            diff = [k for k in identity if to_jsonable(ckpt["identity"].get(k)) != to_jsonable(identity[k])]
-            raise ValueError(f"checkpoint {ckpt_file} was written by a different run "
-                             f"(differs in: {', '.join(diff)}); use another --out or drop --resume")
-        if ckpt["step"] > steps:
-            raise ValueError(f"checkpoint {ckpt_file} is at step {ckpt['step']} > steps={steps}")
-        load_trainable_state(model, ckpt["trainable"])
-        buffers = dict(model.named_buffers())
-        with torch.no_grad():
-            for name, value in ckpt["buffers"].items():
-                if name in buffers:
-                    buffers[name].copy_(value)
-        opt.load_state_dict(ckpt["optimizer"])  # also restores the transform (its state-dict hook)
-        start, elapsed_before = ckpt["step"], ckpt["elapsed"]
-        skipped = int(ckpt["extra"].get("skipped", 0))
-        restore_rng_state(ckpt["rng"])
-        if out.exists() and is_main:
-            records = truncate_json_lines(out, lambda r: r.get("step", -1) < start)
-        if is_main:
-            print(f"reflora-analysis: resuming from {ckpt_file} at step {start}", file=sys.stderr)
-    elif resume and is_main:
-        print(f"reflora-analysis: no checkpoint at {ckpt_file}; starting from step 0", file=sys.stderr)
-
-    writer = None
-    if out is not None and is_main:
-        if start == 0:
-            # a fresh run (overwrite, or resume without a checkpoint) replaces the old log, and
-            # with overwrite the old checkpoint too: a later resume must not pick it up
-            stale = [out] + ([checkpoint_path(out)] if overwrite else [])
-            for path in stale:
-                if path.exists():
-                    path.unlink()
-        writer = JsonLinesWriter(out)
-        atomic_write_json(meta_path(out), {**identity, "steps": steps, "status": "running",
-                                           "reflora_analysis_version": __version__,
-                                           "versions": _versions(), "device": str(dev)})
-
-    # ---- loop ------------------------------------------------------------------------------
-    bar = None
-    if progress and is_main and sys.stderr.isatty():
-        from tqdm import tqdm
-        bar = tqdm(total=steps, initial=start, desc=f"{task.name}/{method}", unit="step",
-                   file=sys.stderr, dynamic_ncols=True)
-    t0 = time.perf_counter() - elapsed_before
-    status, error = "completed", None
-    try:
-        for t in range(start, steps + 1):
-            if checkpoint_every and is_main and t > start and (t % checkpoint_every == 0 or t == steps):
-                # RNG is captured here, at the iteration boundary, so iteration t replays exactly
-                save_checkpoint(ckpt_file, step=t, model=model, optimizer=opt, transform=transform,
-                                identity=identity, elapsed=time.perf_counter() - t0,
-                                rng=capture_rng_state(), extra={"skipped": skipped})
-
-            record: dict[str, Any] = {}
-            log_now = t % log_every == 0 or t == steps
-            if probes and is_main and t % probe_every == 0:
-                from .probes import ProbeContext
-                modes = _module_modes(model)
-                probe_batch = task.batch(t)
-                if dtype is not None:
-                    probe_batch = _cast_floats(probe_batch, dtype)
-                # during warm-up / between interval steps the coming update is plain LoRA's
-                ctx = ProbeContext(task=task, method=method, optimizer=optimizer, lr=lr, step=t,
-                                   batch=probe_batch, hparams=dict(method_hparams),
-                                   active=transform is None or transform.is_active(),
-                                   progress=bar is not None)
-                for probe in probes:
-                    record.update({k: _jsonable_scalar(v) for k, v in probe(ctx).items()})
-                _restore_module_modes(modes)
-                log_now = True
-            if is_main and (t == 0 or t == steps or (eval_every and t % eval_every == 0)):
-                modes = _module_modes(model)
-                with torch.no_grad():
-                    record.update({f"eval/{k}": _jsonable_scalar(v) for k, v in task.evaluate().items()})
-                _restore_module_modes(modes)
-                log_now = True
-
-            batch = task.batch(t)
-            if dist_ctx.world_size > 1:
-                batch = dist_ctx.shard(batch)
-            if dtype is not None:
-                batch = _cast_floats(batch, dtype)
-            last = t == steps
-            with (torch.no_grad() if last else contextlib.nullcontext()), autocast:
-                loss = task.loss(batch)
-            loss_value = _float(dist_ctx.mean(loss.detach()) if dist_ctx.world_size > 1 else loss)
-
-            problem = None
-            if not math.isfinite(loss_value):
-                problem = TrainingDiverged(
-                    f"loss is {loss_value} at step {t} ({method}, {optimizer}, lr={lr:g}); "
-                    "lower the step size or pass --skip-nonfinite", step=t, what="loss")
-            elif not last:
-                loss.backward()
-                if dist_ctx.world_size > 1:
-                    dist_ctx.average_gradients(params)
-                bad = _first_nonfinite(_grads_by_name(params, names))
-                if bad is not None:
-                    problem = TrainingDiverged(
-                        f"non-finite gradient at step {t} in layer {bad} ({method}, {optimizer}, "
-                        f"lr={lr:g}); lower the step size or pass --skip-nonfinite",
-                        step=t, layer=bad, what="gradient")
-                else:
-                    try:
-                        opt.step()
-                    except NonFiniteGradientError as exc:
-                        problem = TrainingDiverged(f"{exc} ({method}, {optimizer}, lr={lr:g})",
-                                                   step=t, layer=getattr(exc, "layer", None),
-                                                   what="gradient")
-                opt.zero_grad(set_to_none=True)
-
-            record = {"step": t, "loss": loss_value, "lr": lr,
-                      "time": time.perf_counter() - t0, "method": method, "optimizer": optimizer,
-                      **record}
-            if problem is not None:
-                record["nonfinite"] = problem.what
-                record["skipped"] = bool(skip_nonfinite and not last)
-                log_now = True
-            if log_now:
-                records.append(record)
-                if writer is not None:
-                    writer.write(record)
-            if bar is not None:
-                bar.update(0 if t == start else 1)
-                bar.set_postfix(loss=f"{loss_value:.4g}")
-
-            if problem is not None:
-                if not skip_nonfinite:
-                    raise problem
-                skipped += 1
-                if is_main:
-                    print(f"reflora-analysis: skipped step {t}: {problem}", file=sys.stderr)
-            elif not last:
-                bad = _first_nonfinite(_weights_by_name(params, names))
-                if bad is not None:
-                    raise TrainingDiverged(f"weights became non-finite in layer {bad} after the update "
-                                           f"of step {t} ({method}, {optimizer}, lr={lr:g}); lower "
-                                           "the step size", step=t, layer=bad, what="weights")
-    except TrainingDiverged as exc:
-        status, error = "diverged", str(exc)
-        raise
-    except PoisonedCheckpointError as exc:
-        status, error = "diverged", str(exc)
-        raise
-    except BaseException as exc:
-        status, error = "failed", f"{type(exc).__name__}: {exc}"
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
-            final = next((r for r in reversed(records) if "loss" in r), {})
-            atomic_write_json(meta_path(out), {
-                **identity, "steps": steps, "status": status, "error": error,
-                "reflora_analysis_version": __version__, "versions": _versions(),
-                "device": str(dev), "skipped_steps": skipped,
-                "final_step": final.get("step"), "final_loss": final.get("loss"),
-                "elapsed": time.perf_counter() - t0,
-                "final_eval": {k: v for k, v in final.items() if k.startswith("eval/")}})
-    return records
+    config = RunConfig(task, method, steps, optimizer=optimizer, lr=lr, seed=seed, device=device,
+                       dtype=dtype, autocast_bf16=autocast_bf16, hparams=method_hparams,
+                       task_options=task_overrides or {}, probes=probes, probe_every=probe_every,
+                       log_every=log_every, eval_every=eval_every,
+                       checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
+                       skip_nonfinite=skip_nonfinite, progress=progress, out=out)
+    return fit(config)

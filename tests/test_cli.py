@@ -404,3 +404,36 @@ def test_dora_from_the_command_line(tmp_path, capsys):
     meta = json.loads(out.with_suffix(".meta.json").read_text())
     assert meta["task_config"]["use_dora"] is True
     assert [r["step"] for r in read_json_lines(out)] == [0, 1, 2]
+
+
+# ----------------------------------------------------- sweep, study, fetch (real evidence)
+
+def test_sweep_and_study_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    grid = ["sweep", "--task", "mf", "--methods", "lora,reflora", "--lrs", "0.003,0.01",
+            "--seeds", "0,1", "--steps", "4", "--optimizer", "sgd", "--out", str(out),
+            "--no-progress"]
+    status, _, err = run_cli(capsys, *grid)
+    assert status == 0, err
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"finished"}
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("result.json")}
+    assert run_cli(capsys, *grid)[0] == 0  # resumed: a finished run is never re-run
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("result.json")} == stamps
+
+
+def test_sweep_and_study_refuse_bad_input_in_one_line(tmp_path, capsys):
+    status, _, err = run_cli(capsys, "sweep", "--task", "mf", "--methods", "lora,nope",
+                             "--lrs", "0.01", "--seeds", "0,1", "--steps", "2",
+                             "--out", str(tmp_path / "s"))
+    assert_one_line_error(status, err, 2, "unknown method 'nope'")
+    status, _, err = run_cli(capsys, "study", str(tmp_path / "missing"), "--out",
+                             str(tmp_path / "report"), "--title", "t")
+    assert_one_line_error(status, err, 2, "missing")
+
+
+def test_fetch_offline_with_nothing_cached_says_what_to_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("REFLORA_ANALYSIS_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("REFLORA_ANALYSIS_OFFLINE", "1")
+    status, _, err = run_cli(capsys, "fetch", "vaderSentiment")
+    assert_one_line_error(status, err, 1, "pip download")

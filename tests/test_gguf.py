@@ -1,4 +1,5 @@
-"""GGUF loading and the instruction fine-tuning helpers (``reflora_analysis.tasks.gguf_model``).
+"""GGUF loading (``tasks.gguf_model``), the instruction fine-tuning helpers (``tasks.instruct``)
+and the ``lm-vader`` task (``tasks.lm_sentences``), through ``reflora_analysis.tasks.gguf_model``.
 
 A tiny LLaMA GGUF is written here with ``gguf.GGUFWriter`` from a seeded random
 ``LlamaForCausalLM`` (hidden 16, 2 layers, 4 heads / 2 KV heads, FFN 32), with llama.cpp's
@@ -328,11 +329,12 @@ def test_smollm2_answers_paris_when_cached():
 
 
 def _fake_sentences(monkeypatch, n: int = 60):
-    from reflora_analysis.tasks import sentences
+    from reflora_analysis.tasks import sentence_data
     texts = [f"sentence {i} is {'good' if i % 3 == 0 else 'bad' if i % 3 == 1 else 'meh'}" for i in range(n)]
     means = [2.0 if i % 3 == 0 else -2.0 if i % 3 == 1 else 0.1 for i in range(n)]
-    fake = sentences.SentenceExamples([f"id{i}" for i in range(n)], texts, means, 0)
-    monkeypatch.setattr(sentences, "sentence_examples", lambda corpus, **kw: fake)
+    fake = sentence_data.SentenceExamples([f"id{i}" for i in range(n)], texts, means, 0)
+    # where the sentence tasks (and lm-vader, which shares their splits) read the corpus
+    monkeypatch.setattr(sentence_data, "sentence_examples", lambda corpus, **kw: fake)
     return fake
 
 
@@ -376,3 +378,17 @@ def test_load_causal_lm_rejects_other_paths(tmp_path):
         gguf_model.load_causal_lm(tmp_path / "weights.bin")
     with pytest.raises(ValueError, match="config.json"):
         gguf_model.load_causal_lm(tmp_path)
+
+
+def test_causal_lm_takes_a_gguf_file_and_records_the_model(tiny, tmp_path, monkeypatch):
+    """``--model`` / ``model_path`` of the causal-LM path: a .gguf file loads through the same
+    loader as SmolLM2, and the task config (hence run.meta.json) names the model used."""
+    pytest.importorskip("peft")
+    from reflora_analysis.tasks import make_task
+    path, _ = tiny
+    monkeypatch.setenv("REFLORA_ANALYSIS_CACHE", str(tmp_path))
+    task = make_task("causal-lm", model_path=str(path), quick=True)
+    assert len(task.pairs) > 0 and "LlamaForCausalLM" in type(task.model.base_model.model).__name__
+    assert "tiny-llama" in task.config["model"] and "parameters" in task.config["model"]
+    loss = task.loss(task.batch(0))
+    assert torch.isfinite(loss) and loss.item() > 0

@@ -18,8 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from reflora_analysis.methods import (METHOD_INFO, METHODS, LoraRiteTransform, available_methods,
-                                      build_optimizer, create_reflora_optimizer, make_method,
+from reflora_analysis.methods import (METHOD_INFO, METHODS, LoraRiteTransform, PairTransform,
+                                      Refactorer, available_methods, build_optimizer,
+                                      create_reflora_optimizer, dora_methods, get_method,
+                                      make_method, pairless_methods, refactoring_methods,
                                       single_step_update)
 from reflora_analysis.methods.lora_pro import (equivalent_factor_gradients, equivalent_gradient,
                                                sylvester_psd)
@@ -67,6 +69,91 @@ def test_registry_lists_every_method_with_its_facts():
         assert info["paper"] and info["formula"] and info["state"]
     assert {n for n in ALL if METHOD_INFO[n]["invariance"] == "exact"} == \
         {"scaledgd", "lora-rite", "reflora", "balance"}
+
+
+def test_every_registered_method_builds_its_own_transform_class():
+    for name in available_methods():
+        spec = get_method(name)
+        assert spec is METHODS[name] and spec.name == name
+        assert spec.invariance == METHOD_INFO[name]["invariance"]
+        _, t = build_optimizer(name, _pairs(), lr=1e-2, **EXACT.get(name, {}))
+        # explicit pairs: no PEFT helper stands in for the method's own class
+        assert type(t) is spec.transform_cls if spec.transform_cls else t is None, name
+        assert spec.phase == (t.phase if t is not None else None)
+        if spec.phase == "post":
+            assert type(t).post_step is not PairTransform.post_step
+        elif spec.phase == "pre":
+            assert type(t).pre_step is not PairTransform.pre_step
+
+
+def test_refactoring_family_flag_matches_the_classes():
+    family = [n for n in available_methods()
+              if METHODS[n].transform_cls is not None
+              and issubclass(METHODS[n].transform_cls, Refactorer)]
+    assert refactoring_methods() == family == [n for n in ALL if METHODS[n].refactoring]
+    assert len(family) == 3 and {METHODS[n].phase for n in family} == {"pre", "post"}
+    for name in family:
+        t = Refactorer(_pairs(), method=name)  # the documented entry point dispatches
+        assert type(t) is METHODS[name].transform_cls and isinstance(t, Refactorer)
+        assert t.method == name and t.state_key == "Refactorer"
+        assert METHODS[name].hparams == {"warmup_steps": 0, "interval": 1, "damping": 0.0}
+    for name in set(ALL) - set(family):
+        with pytest.raises(ValueError, match="unknown refactoring method .*valid methods: "
+                                             + ", ".join(family)):
+            Refactorer(_pairs(), method=name)
+    with pytest.raises(ValueError, match="is method 'reflora', not 'balance'"):
+        METHODS["reflora"].transform_cls(_pairs(), method="balance")
+
+
+def test_attach_flag_says_which_methods_make_method_accepts():
+    for name in available_methods():
+        spec = METHODS[name]
+        opt = torch.optim.SGD([p for pair in _pairs() for p in pair], lr=1e-2)
+        pairs = [tuple(opt.param_groups[0]["params"])]
+        if spec.any_optimizer:
+            t = make_method(name, pairs, opt, **EXACT.get(name, {}))
+            assert isinstance(t, spec.transform_cls)
+        else:
+            with pytest.raises(ValueError, match="cannot be attached"):
+                make_method(name, pairs, opt)
+    assert pairless_methods() == [n for n in ALL if not METHODS[n].needs_pairs]
+    assert dora_methods() == [n for n in ALL if METHODS[n].dora]
+
+
+def test_a_method_name_is_resolved_in_one_place():
+    from reflora_analysis.probes.consistency import consistency_score, step_update
+
+    assert get_method(" LoRA+ ") is METHODS["lora+"]
+    A, B, G, _ = _problem(0)
+    message = "unknown method 'nope'; valid methods: " + ", ".join(ALL)
+    calls = [lambda: get_method("nope"), lambda: build_optimizer("nope", _pairs(), lr=1e-2),
+             lambda: make_method("nope", _pairs(), torch.optim.SGD(_pairs()[0], lr=1.0)),
+             lambda: single_step_update("nope", A, B, G, 1e-2),
+             lambda: step_update("nope", A, B, G, 1e-2),
+             lambda: consistency_score("nope", A, B, lambda W: W)]
+    for call in calls:
+        with pytest.raises(ValueError) as excinfo:
+            call()
+        assert str(excinfo.value) == message
+
+
+def test_no_tuple_of_method_names_is_spelled_outside_the_registry():
+    """The registry's flags are the single source: no literal list of two or more method
+    names in the methods package, the refactor module or the consistency probe."""
+    import ast
+    import pathlib
+
+    import reflora_analysis
+
+    root = pathlib.Path(reflora_analysis.__file__).parent
+    files = [*sorted((root / "methods").glob("*.py")), root / "refactor.py",
+             root / "probes" / "consistency.py"]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+                names = [e.value for e in node.elts
+                         if isinstance(e, ast.Constant) and e.value in METHODS]
+                assert len(names) < 2, f"{path.name}:{node.lineno} spells {names}"
 
 
 # ---------------------------------------------------------------------------- invariance

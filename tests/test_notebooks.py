@@ -2,9 +2,10 @@
 
 The expensive test executes all six notebooks through the runner with tiny parameters
 (``TINY``) into ``tmp_path`` and checks every file each one promises: PNG + PDF figures,
-the plotted data with finite numbers and one series per method, ``params.json`` and
-``index.md``. The rest is cheap: stored notebooks have no outputs and exactly one
-``parameters`` cell of literals; the runner refuses unknown parameters and wrong types;
+the plotted data with finite numbers and one series per method, ``params.json`` (the
+arguments as used) and ``index.md``. The rest is cheap: stored notebooks have no outputs,
+exactly one ``parameters`` cell of literals (the same as their experiment module's) and no
+logic elsewhere (setup, one experiment, one plot); the runner refuses unknown parameters and wrong types;
 a failing notebook leaves the previous figures in place (issue 7); a Jupyter kernel starts
 and runs a notebook's first cell; ``jupyter lab --version`` runs.
 """
@@ -76,6 +77,46 @@ def test_notebook_committed_without_outputs_with_one_literal_parameters_cell(ste
         names.add(node.targets[0].id)
     assert REQUIRED_PARAMETERS <= names, f"{stem}: missing {REQUIRED_PARAMETERS - names}"
     assert set(figures.notebook_parameters(stem)) == names  # papermill sees them all
+
+
+# Outside the parameters cell a notebook only calls: setup, one experiment, one plot/publish.
+LOGIC_NODES = (ast.If, ast.IfExp, ast.For, ast.AsyncFor, ast.While, ast.FunctionDef,
+               ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda, ast.With, ast.AsyncWith, ast.Try,
+               ast.ListComp, ast.SetComp, ast.DictComp, ast.GeneratorExp, ast.Match,
+               *([ast.TryStar] if hasattr(ast, "TryStar") else []))
+MAX_CODE_CELLS = 4  # parameters, setup, experiment, figures
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_notebook_holds_no_logic_outside_its_parameters_cell(stem):
+    nb = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert len(code) <= MAX_CODE_CELLS, f"{stem}: {len(code)} code cells (at most {MAX_CODE_CELLS})"
+    for index, cell in enumerate(code):
+        if "parameters" in cell.metadata.get("tags", []):
+            continue
+        tree = ast.parse(cell.source)
+        logic = sorted({type(n).__name__ for n in ast.walk(tree) if isinstance(n, LOGIC_NODES)})
+        assert not logic, f"{stem}, code cell {index}: {logic} belong in the experiment module"
+        called = [getattr(n.func, "attr", getattr(n.func, "id", "")) for n in ast.walk(tree)
+                  if isinstance(n, ast.Call)]
+        writes = [name for name in called if name == "open" or "write" in name.lower()
+                  or name.startswith("save")]
+        assert not writes, f"{stem}, code cell {index}: writes files itself ({writes})"
+
+
+@pytest.mark.parametrize("stem", STEMS)
+def test_notebook_parameters_are_its_experiment_modules(stem):
+    """The parameters cell and the experiment module's SPEC declare the same names and
+    defaults, and the setup cell hands the parameters to that module."""
+    from reflora_analysis import experiments as ex
+
+    module = ex.NOTEBOOKS[stem]
+    assert figures.notebook_parameters(stem) == dict(module.SPEC.parameters)
+    nb = nbformat.read(NOTEBOOKS / f"{stem}.ipynb", as_version=4)
+    sources = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    short = module.__name__.rsplit(".", 1)[1]
+    assert f"{short}.setup(globals())" in sources and f"{short}.experiment(run)" in sources
 
 
 # --- runner: arguments ---------------------------------------------------------------
@@ -350,6 +391,12 @@ def test_every_notebook_writes_figures_data_and_params(executed):
         assert params["parameters"]["quick"] is True
         assert params["seeds"] and params["versions"]["torch"] and params["machine"]["cpu_count"]
         assert (d / f"{stem}.ipynb").exists(), f"{stem}: executed notebook not kept"
+    # params.json records the arguments used (after the quick preset), not the literals
+    params = json.loads((out / "04_sharpness_landscape" / "params.json").read_text())
+    assert params["parameters"]["probe_every"] == 10 and params["parameters"]["steps"] == 4
+    assert params["quick_preset"]["probe_every"] == {"given": 2, "used": 10}
+    assert params["derived"]["real_trace_samples"] == 3
+    assert (out / "03_consistency_balance" / "consistency_table.md").read_text().startswith("| method")
 
     # one series per method, finite numbers
     rows = _check_series(out / "01_matrix_factorization" / "mf_runs.csv", "loss", methods)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from reflora_analysis import experiments as ex
+from reflora_analysis.experiments import provenance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,7 +37,8 @@ def test_absolute_out_dir_and_environment_override(elsewhere, monkeypatch):
 
 
 def test_an_installed_package_without_a_checkout_asks_for_an_absolute_path(elsewhere, monkeypatch):
-    monkeypatch.setattr(ex, "repository_root", lambda: None)
+    # resolve_out_dir looks the checkout up in the module that defines both
+    monkeypatch.setattr(provenance, "repository_root", lambda: None)
     with pytest.raises(ValueError, match="absolute path"):
         ex.resolve_out_dir(None, "01")
     with pytest.raises(ValueError, match="absolute path"):

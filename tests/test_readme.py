@@ -69,7 +69,7 @@ def _api_rows() -> dict[str, str]:
 def _namespace(tmp_path):
     """Bindings for the names the README's API calls use, on small real problems."""
     import reflora_analysis
-    from reflora_analysis import methods, pairs, probes, refactor, tasks, theory, train
+    from reflora_analysis import config, methods, pairs, probes, refactor, sweep, tasks, theory, train
 
     g = torch.Generator().manual_seed(0)
     m, n, r = 7, 5, 3
@@ -82,7 +82,10 @@ def _namespace(tmp_path):
                                 peft.LoraConfig(r=3, target_modules=["0"]))
     return dict(
         reflora_analysis=reflora_analysis, theory=theory, pairs=pairs, refactor=refactor,
-        methods=methods, tasks=tasks, train=train, probes=probes,
+        methods=methods, tasks=tasks, train=train, probes=probes, config=config, sweep=sweep,
+        cfg=config.RunConfig(task="mf", method="reflora", steps=3),
+        run=train.build_run(config.RunConfig(task="mf", method="reflora", steps=3)), step=0,
+        sweep_dir=tmp_path / "sweep",
         A=A, B=B, G=G, X=A.T @ A, Y=B.T @ B, S=theory.optimal_preconditioner(A, B),
         eta=0.01, L=10.0, loss=torch.tensor(1.0, dtype=torch.float64),
         model_or_pairs=[(torch.nn.Parameter(A.clone()), torch.nn.Parameter(B.clone()))],
@@ -124,7 +127,7 @@ def _check(call: str, result, ns) -> None:
         (pair,) = result
         assert pair.shape == (7, 5) and pair.rank == 3
     elif call.startswith("refactor.Refactorer("):
-        assert type(result).__name__ == "Refactorer" and len(result.pairs) == 1
+        assert isinstance(result, ns["refactor"].Refactorer) and len(result.pairs) == 1
     elif call.startswith("methods.build_optimizer("):
         opt, transform = result
         assert isinstance(opt, torch.optim.SGD) and opt.param_groups[0]["lr"] == ns["lr"]
@@ -134,6 +137,21 @@ def _check(call: str, result, ns) -> None:
     elif call.startswith("train.run("):
         assert [r["step"] for r in result] == list(range(ns["steps"] + 1))
         assert [r["step"] for r in result if "balance/gap_max" in r] == [0, 5]
+    elif call.startswith("config.RunConfig("):
+        assert result.method == "reflora" and result.optimizer == "adamw" and result.lr == 0.01
+        same = ns["config"].RunConfig(task="mf", method="reflora", steps=5, optimizer="adamw",
+                                      lr=0.01)
+        assert result == same and hash(result) == hash(same)
+        with pytest.raises(Exception):  # frozen: one validated configuration
+            result.steps = 7
+    elif call.startswith("train.build_run("):
+        assert result.task.name == "mf" and result.optimizer is not None
+    elif call.startswith("train.train_step("):
+        assert result.step == 0 and result.updated and result.loss == result.loss
+    elif call.startswith("sweep.run_sweep("):
+        assert sorted((r["method"], r["seed"]) for r in result) == [
+            ("lora", 0), ("lora", 1), ("reflora", 0), ("reflora", 1)]
+        assert all(r["status"] == "finished" for r in result)
     elif call.startswith("probes.make_probes("):
         assert [type(p).__name__ for p in result] == ["BalanceProbe", "ConsistencyProbe"]
     else:  # a new row needs a check here: the README may not promise an untested call
@@ -142,7 +160,7 @@ def _check(call: str, result, ns) -> None:
 
 def test_every_api_row_of_the_readme_runs_as_written(tmp_path):
     rows = _api_rows()
-    assert len(rows) >= 14, rows
+    assert len(rows) >= 18, rows
     for call in rows:
         ns = _namespace(tmp_path)
         result = eval(call, ns)  # the call exactly as the README writes it

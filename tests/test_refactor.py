@@ -19,9 +19,10 @@ from torch import nn
 
 from reflora_analysis import theory
 from reflora_analysis.pairs import LoraPair, NoLoraLayersError, find_lora_pairs
+from reflora_analysis.methods import refactoring_methods
+from reflora_analysis.methods.reflora import reference_geometric_mean
 from reflora_analysis.refactor import (
     STATE_DICT_KEY,
-    VALID_METHODS,
     NonFiniteGradientError,
     PairTransform,
     Refactorer,
@@ -29,7 +30,6 @@ from reflora_analysis.refactor import (
     reference_pre_step,
     reference_preconditioners,
 )
-from reflora_analysis.refactor import _reference_geometric_mean
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
@@ -206,7 +206,7 @@ def test_reference_geometric_mean_matches_theory_float64():
     A = torch.randn(5, 40, 6, generator=g, dtype=F64)
     B = torch.randn(5, 30, 6, generator=g, dtype=F64)
     X, Y = theory.gram(A), theory.gram(B)
-    S, S_inv = _reference_geometric_mean(X, Y)
+    S, S_inv = reference_geometric_mean(X, Y)
     S0 = theory.geometric_mean_reference(X, Y)
     assert rel(S, S0) < 1e-10  # two-eigh algorithm vs theory's, both float64
     assert rel(S @ S_inv, torch.eye(6, dtype=F64).expand(5, 6, 6)) < 1e-10
@@ -317,7 +317,7 @@ def test_reflora_s_gradient_powers_match_autograd():
     old = snapshot_grads(pairs)
     p_scale = [float((p.A.norm() / p.B.norm()).sqrt()) for p in pairs]
     ref = Refactorer(model, method="reflora-s")
-    ref._transform_weights(None, with_grads=True)  # the initial call (moves grads along)
+    ref.refactor_weights(None, with_grads=True)  # the initial call (moves grads along)
     moved = snapshot_grads(pairs)
     model.zero_grad()
     lm_loss(model).backward()
@@ -361,7 +361,7 @@ def test_balance_with_adamw_leaves_moments_untouched():
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", VALID_METHODS)
+@pytest.mark.parametrize("method", refactoring_methods())
 def test_peft_zero_start_never_nan_and_warns_once(method):
     model = tiny_peft_model(zero_b=True, embed=False)
     with warnings.catch_warnings(record=True) as caught:
@@ -728,7 +728,7 @@ def test_reflora_s_rescales_weights_grads_and_every_moment(kind):
     before = {id(q): {"w": q.detach().clone(), "g": q.grad.clone(),
                       **{k: opt.state[q][k].clone() for k in keys}} for q in params}
     norms = [(float(p.A.norm()), float(p.B.norm())) for p in pairs]
-    Refactorer(pairs, method="reflora-s")._transform_weights(opt, with_grads=True)
+    Refactorer(pairs, method="reflora-s").refactor_weights(opt, with_grads=True)
     for p, (nA, nB) in zip(pairs, norms):
         s = (nA / nB) ** 0.5 if nA > 0 else 1.0  # p = sqrt(||A|| / ||B||)
         for q, grad_scale in ((p.a, s), (p.b, 1 / s)):
@@ -742,3 +742,101 @@ def test_reflora_s_rescales_weights_grads_and_every_moment(kind):
         if nA == 0:  # untouched, bit for bit
             assert torch.equal(p.b.detach(), before[id(p.b)]["w"])
             assert torch.equal(p.b.grad, before[id(p.b)]["g"])
+
+
+# --------------------------------------------------------------------------------------
+# one class per method, each beside its pure kernel
+# --------------------------------------------------------------------------------------
+
+
+def test_refactorer_builds_the_class_of_each_method():
+    from reflora_analysis.methods import BalanceTransform, RefLoRASTransform, RefLoRATransform
+
+    A, B = make_pair(7, 6, 2, seed=0)
+    for method, cls in (("reflora", RefLoRATransform), ("reflora-s", RefLoRASTransform),
+                        ("balance", BalanceTransform)):
+        ref = Refactorer([(A, B)], method=method)
+        assert type(ref) is cls and isinstance(ref, Refactorer) and ref.method == method
+        assert repr(ref).startswith(f"Refactorer(method='{method}', layers=1")
+        direct = cls([(A, B)], damping=1e-3)  # the classes are usable on their own
+        assert direct.method == method and direct.damping == 1e-3
+    assert type(Refactorer([(A, B)])) is RefLoRATransform  # default method, as documented
+    assert type(Refactorer([(A, B)], "balance")) is BalanceTransform  # positional method
+    # one optimizer-state entry for the whole family: checkpoints of every method keep it
+    opt = torch.optim.SGD([A, B], lr=0.0)
+    Refactorer([(A, B)], method="balance").attach(opt)
+    assert list(opt.state_dict()[STATE_DICT_KEY]) == ["Refactorer"]
+
+
+@settings(max_examples=20, deadline=None)
+@given(r=st.integers(1, 4), seed=st.integers(0, 10_000), log_a=st.floats(-2, 2))
+def test_reflora_precondition_kernel_is_theory_and_the_transform(r, seed, log_a):
+    from reflora_analysis.methods import reflora_precondition
+
+    A, B = make_pair(r + 5, r + 3, r, seed, scale_a=10**log_a)
+    (G,) = quadratic_grads([(A, B)], seed)
+    gA, gB = A.grad.clone(), B.grad.clone()
+    kA, kB = reflora_precondition(A.detach(), B.detach(), gA, gB)
+    want_A, want_B = expected_grads(A, B, G)
+    assert rel(kA, want_A) < 1e-8 and rel(kB, want_B) < 1e-8  # F1/F3, float64 round-off
+    assert torch.equal(A.grad, gA)  # pure: the inputs are left alone
+    Refactorer([(A, B)]).pre_step(None)
+    assert rel(A.grad, kA) < 1e-12 and rel(B.grad, kB) < 1e-12  # same maths, batched
+
+
+def test_reflora_precondition_kernel_is_batched_over_layers():
+    from reflora_analysis.methods import reflora_precondition
+
+    g = torch.Generator().manual_seed(3)
+    A, gA = (torch.randn(4, 9, 3, generator=g, dtype=F64) for _ in range(2))
+    B, gB = (torch.randn(4, 7, 3, generator=g, dtype=F64) for _ in range(2))
+    bA, bB = reflora_precondition(A, B, gA, gB)
+    for i in range(4):
+        oA, oB = reflora_precondition(A[i], B[i], gA[i], gB[i])
+        assert rel(bA[i], oA) < 1e-12 and rel(bB[i], oB) < 1e-12
+    f32 = reflora_precondition(A.float(), B.float(), gA.float(), gB.float())
+    assert f32[0].dtype == torch.float32 and rel(f32[0], bA) < 1e-5
+
+
+def test_balanced_projection_kernel_is_balanced_and_matches_the_transform():
+    from reflora_analysis.methods import balanced_projection
+
+    A, B = make_pair(9, 7, 3, seed=4, scale_a=5.0)
+    A2, B2 = balanced_projection(A.detach(), B.detach())
+    assert rel(A2 @ B2.T, (A @ B.T).detach()) < 1e-12  # same product
+    assert float(theory.balance_gap(A2, B2)) < 1e-10  # F4
+    assert float(theory.balance_gap(A.detach(), B.detach())) > 0.1
+    Refactorer([(A, B)], method="balance").post_step(None)
+    assert rel(A.detach(), A2) < 1e-12 and rel(B.detach(), B2) < 1e-12
+    # batched, and a zero factor (singular Gram, F10) is returned unchanged
+    batch_A = torch.stack([A2, torch.zeros_like(A2)])
+    batch_B = torch.stack([B2, B2])
+    out_A, out_B = balanced_projection(batch_A, batch_B)
+    assert torch.equal(out_A[1], batch_A[1]) and torch.equal(out_B[1], batch_B[1])
+    assert rel(out_A[0], A2) < 1e-10  # already balanced: P = I up to round-off
+
+
+def test_reflora_s_rescale_kernel_matches_the_transform_on_weights_grads_and_moments():
+    from reflora_analysis.methods import reflora_s_rescale
+
+    A, B = make_pair(9, 7, 2, seed=5, scale_a=4.0)
+    opt = torch.optim.AdamW([A, B], lr=1e-2, amsgrad=True)
+    for k in range(2):
+        opt.zero_grad()
+        quadratic_grads([(A, B)], k)
+        opt.step()
+    state = {q: {k: v.clone() for k, v in opt.state[q].items()} for q in (A, B)}
+    out = reflora_s_rescale(A.detach(), B.detach(), A.grad, B.grad,
+                            state_A=opt.state[A], state_B=opt.state[B])
+    assert torch.equal(opt.state[A]["exp_avg"], state[A]["exp_avg"])  # pure
+    assert rel(out.A @ out.B.T, (A @ B.T).detach()) < 1e-14
+    assert abs(float(out.A.norm() / out.B.norm()) - 1.0) < 1e-12  # F7: s* = 1 afterwards
+    assert torch.equal(out.state_A["step"], state[A]["step"])  # non-moment entries kept
+    Refactorer([(A, B)], method="reflora-s").refactor_weights(opt, with_grads=True)
+    for q, w, gq, st_new in ((A, out.A, out.grad_A, out.state_A),
+                             (B, out.B, out.grad_B, out.state_B)):
+        assert rel(q.detach(), w) < 1e-14 and rel(q.grad, gq) < 1e-14
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            assert rel(opt.state[q][key], st_new[key]) < 1e-14, key
+    zero = reflora_s_rescale(torch.zeros(4, 2, dtype=F64), torch.ones(3, 2, dtype=F64))
+    assert torch.equal(zero.B, torch.ones(3, 2, dtype=F64)) and zero.grad_A is None

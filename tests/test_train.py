@@ -402,3 +402,130 @@ def test_optimizer_name_is_normalised_like_build_optimizer():
     assert records[0]["optimizer"] == "sgd"
     with pytest.raises(ValueError, match="lr must be a finite number > 0, got 'x'"):
         run("mf", "lora", lr="x", steps=1, progress=False)
+
+
+# ---------------------------------------------------------------- the public parts of the loop
+
+from reflora_analysis.config import RunConfig  # noqa: E402
+from reflora_analysis.train import RunLog, build_run, fit, restore_checkpoint, train_step  # noqa: E402
+
+
+def _without_time(records):
+    return [{k: v for k, v in r.items() if k != "time" and not k.endswith("/seconds")}
+            for r in records]
+
+
+def test_build_run_builds_without_training_or_writing(tmp_path):
+    config = RunConfig("mf", "reflora", 4, out=tmp_path / "run.jsonl", probes="balance",
+                       probe_every=2, hparams={"warmup_steps": 1})
+    run_ = build_run(config)
+    assert run_.config.resolved and run_.config.lr == run_.task.default_lr["sgd"]
+    assert run_.config.identity()["hparams"] == {"warmup_steps": 1}
+    assert run_.transform is not None and run_.transform.step_count == 0
+    assert (run_.start, run_.skipped, run_.elapsed) == (0, 0, 0.0)
+    assert [type(p).__name__ for p in run_.probes] == ["BalanceProbe"]
+    assert {id(p) for p in run_.params} == {id(p) for pair in run_.task.pairs for p in pair.params}
+    assert list(tmp_path.iterdir()) == []
+    # a built task is used as given: several runs may share it (one optimizer each)
+    task = make_task("mf", seed=0)
+    a, b = build_run(RunConfig(task, "lora", 2), task), build_run(RunConfig("mf", "reflora", 2), task)
+    assert a.task is task and b.task is task and a.optimizer is not b.optimizer
+
+
+def test_train_step_is_the_loops_step():
+    """Stepping a built run reproduces run()'s losses and weights bit for bit, so a timing
+    that calls train_step measures exactly what training does."""
+    reference_task = make_task("mf", seed=0)
+    reference = run(reference_task, "reflora", optimizer="adamw", steps=5, progress=False)
+    run_ = build_run(RunConfig("mf", "reflora", 5, optimizer="adamw"))
+    results = [train_step(run_, t) for t in range(6)]
+    assert [r.loss for r in results] == [r["loss"] for r in reference]
+    assert [r.updated for r in results] == [True] * 5 + [False]  # the end step only evaluates
+    assert all(r.problem is None and r.error is None and r.seconds > 0 for r in results)
+    assert all(torch.equal(a, b) for a, b in zip(lora_weights(run_.task), lora_weights(reference_task)))
+    assert run_.transform.step_count == 5
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_train_step_applies_the_nonfinite_policy_without_raising(skip):
+    task = _mf_with_fault("grad", 1)
+    run_ = build_run(RunConfig(task, "lora", 4, skip_nonfinite=skip))
+    train_step(run_, 0)
+    before = lora_weights(task)
+    result = train_step(run_, 1)
+    assert not result.updated and result.problem.what == "gradient"
+    assert result.problem.layer == "mf.W.A" and "step 1" in str(result.problem)
+    assert all(torch.equal(a, b) for a, b in zip(lora_weights(task), before))
+    assert result.fields() == {"nonfinite": "gradient", "skipped": skip}
+    assert (result.error is None) is skip and run_.skipped == int(skip)
+
+
+def test_fit_of_a_config_is_run():
+    by_keywords = run("mf", "balance", steps=4, probes="balance", probe_every=2, progress=False)
+    by_config = fit(RunConfig("mf", "balance", 4, probes="balance", probe_every=2, progress=False))
+    assert _without_time(by_config) == _without_time(by_keywords)
+
+
+def test_run_log_refuses_keeps_truncates_and_closes(tmp_path):
+    out = tmp_path / "sub" / "run.jsonl"
+    log = RunLog(out)
+    log.prepare()  # creates the directory, writes nothing
+    assert out.parent.is_dir() and log.existing() == []
+    run_ = build_run(RunConfig("mf", "lora", 3, out=out))
+    log.open(run_.config)
+    for step in range(3):
+        log.append({"step": step, "loss": 1.0 / (step + 1)})
+    assert read_json_lines(out) == log.records
+    assert json.loads(meta_path(out).read_text())["status"] == "running"
+    log.close("completed", skipped=0, elapsed=1.5)
+    meta = json.loads(meta_path(out).read_text())
+    assert (meta["status"], meta["final_step"], meta["elapsed"]) == ("completed", 2, 1.5)
+    assert meta["task"] == "mf" and meta["world_size"] == 1
+    with pytest.raises(FileExistsError, match="run.jsonl already exists .*--resume.*--overwrite"):
+        RunLog(out).prepare()
+    RunLog(out).prepare(resume=True)  # continuing is allowed
+    again = RunLog(out)
+    assert [r["step"] for r in again.truncate(2)] == [0, 1] == [r["step"] for r in read_json_lines(out)]
+    memory = RunLog(None)
+    memory.prepare()
+    memory.append({"step": 0})
+    assert memory.records == [{"step": 0}] and memory.checkpoint_path is None
+
+
+def test_restore_checkpoint_moves_a_built_run_to_its_checkpoint(tmp_path):
+    out = tmp_path / "run.jsonl"
+    run("mf", "reflora", steps=4, out=out, checkpoint_every=2, progress=False)
+    config = RunConfig("mf", "reflora", 6, out=out, checkpoint_every=2, resume=True)
+    run_, log = build_run(config), RunLog(out)
+    assert restore_checkpoint(run_, log) == 4 == run_.start
+    assert run_.transform.step_count == 4 and run_.elapsed > 0
+    assert [r["step"] for r in log.records] == [0, 1, 2, 3]
+    other = build_run(RunConfig("mf", "lora", 6, out=out, resume=True))
+    with pytest.raises(ValueError, match="written by a different run .*differs in: method"):
+        restore_checkpoint(other, RunLog(out))
+    fresh = build_run(RunConfig("mf", "reflora", 6, out=tmp_path / "none.jsonl", resume=True))
+    assert restore_checkpoint(fresh, RunLog(tmp_path / "none.jsonl")) == 0
+
+
+def test_a_checkpoint_written_before_run_config_resumes(tmp_path):
+    """The identity a checkpoint stores kept its keys and values: a checkpoint whose identity
+    is the dict train.run wrote before RunConfig existed continues, bit for bit."""
+    reference = run("mf", "reflora", steps=6, progress=False)
+    out = tmp_path / "run.jsonl"
+
+    def crash_at_5(ctx):
+        if ctx.step == 5:
+            raise RuntimeError("simulated crash")
+        return {}
+
+    with pytest.raises(RuntimeError):
+        run("mf", "reflora", steps=6, out=out, checkpoint_every=4, probes=[crash_at_5],
+            probe_every=1, progress=False)
+    ckpt = load_checkpoint(checkpoint_path(out))
+    task = make_task("mf", seed=0)
+    ckpt["identity"] = {"task": "mf", "task_config": task.config, "method": "reflora",
+                        "optimizer": "sgd", "lr": 0.01, "seed": 0, "hparams": {}, "dtype": None,
+                        "autocast_bf16": False, "world_size": 1}
+    torch.save(ckpt, checkpoint_path(out))
+    resumed = run("mf", "reflora", steps=6, out=out, checkpoint_every=4, resume=True, progress=False)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in reference]

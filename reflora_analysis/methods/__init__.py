@@ -1,4 +1,4 @@
-r"""Registry of LoRA optimizers: one base optimizer (SGD or AdamW) plus a gradient/weight transform.
+r"""LoRA optimizers: one base optimizer (SGD or AdamW) plus, per method, one transform class.
 
 Methods (SGD form, paper notation; ``grad_A = s G B``, ``grad_B = s G^T A``):
 
@@ -9,15 +9,26 @@ Methods (SGD form, paper notation; ``grad_A = s G B``, ``grad_B = s G^T A``):
 - ``lora-rite``: transformation-invariant adaptive preconditioning. Exact (wd = 0).
   (:mod:`.lora_rite`)
 - ``lora-pro``: equivalent gradient ``P_A G + (I - P_A) G P_B``. First-order. (:mod:`.lora_pro`)
-- ``reflora``: ``grad_A S*^{-1}``, ``grad_B S*``, ``S* = (A^T A)^{-1} # (B^T B)``. Exact with SGD.
-- ``reflora-s``: ``A /= sqrt(c)``, ``B *= sqrt(c)``, ``c = ||A||/||B||`` after each step. Scalar gauge.
+- ``reflora``: ``grad_A S*^{-1}``, ``grad_B S*``, ``S* = (A^T A)^{-1} # (B^T B)`` before each
+  step. Exact with SGD. (:mod:`.reflora`)
+- ``reflora-s``: ``A /= sqrt(c)``, ``B *= sqrt(c)``, ``c = ||A||/||B||`` after each step. Scalar
+  gauge. (:mod:`.reflora_s`)
 - ``balance``: ``(A, B) <- (A P, B P^{-1})``, ``P = S*^{1/2}`` after each step. Exact with SGD.
-  (the last three: :mod:`.reflora`, via :class:`~reflora_analysis.refactor.Refactorer`)
+  (:mod:`.balance`)
 
-Public entry points: :func:`available_methods`, :data:`METHOD_INFO`, :func:`build_optimizer`,
-:func:`make_method` (the transform alone, for an optimizer built elsewhere),
-:func:`single_step_update` (one SGD step of a method on one pair, from a gradient in W) and
-:func:`create_reflora_optimizer` (PEFT-style sugar).
+Each method module pairs a transform class (a :class:`~.transform.PairTransform`: hooks,
+state, schedule) with the pure functional kernel it applies, as ``torch.optim.SGD`` pairs
+with its functional ``sgd``: e.g. :class:`RefLoRATransform` and :func:`reflora_precondition`.
+The last three form the refactoring family (:class:`~.refactoring.Refactorer`, sharing the
+batched Gram engine of :mod:`.gram`).
+
+The registry (:mod:`.registry`) is the single source of method names and facts:
+:data:`METHODS` (``name -> MethodSpec`` with flags ``refactoring``, ``needs_pairs``, ``dora``,
+``transform_cls``, ``phase``, ``any_optimizer``, ``invariance``), :func:`get_method` (the one
+name lookup), :func:`available_methods`, :func:`refactoring_methods`, :data:`METHOD_INFO`.
+Entry points: :func:`build_optimizer`, :func:`make_method` (the transform alone, for an
+optimizer built elsewhere), :func:`single_step_update` (one SGD step of a method on one pair,
+from a gradient in W) and :func:`create_reflora_optimizer` (PEFT-style sugar).
 
 DoRA (PEFT ``use_dora=True``): the magnitude vector is an ordinary trainable parameter (base
 optimizer at the base ``lr``; for ``lora+`` on PEFT models, PEFT's helper puts it, like every
@@ -30,20 +41,17 @@ of ``W = W0 + s A B^T``, which a DoRA layer (``m * V / ||V||_c``) does not have.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
-import torch
-from torch import Tensor, nn
-
-from ..refactor import PairTransform, Refactorer
-from .base import (BASE_OPTIMIZER_KWARGS, BASE_OPTIMIZERS, check_lr, resolve_trainables,
-                   uses_dora)
-from .lora import DEFAULT_RATIO, build_lora, build_loraplus
-from .lora_pro import LoraProTransform, build_lora_pro
-from .lora_rite import LoraRiteTransform, build_lora_rite
-from .reflora import build_refactored, create_reflora_optimizer
-from .scaledgd import DEFAULT_DAMPING, ScaledGDTransform, build_scaledgd
+from .balance import BalanceTransform, balanced_projection
+from .lora_pro import LoraProTransform
+from .lora_rite import LoraRiteTransform
+from .refactoring import Refactorer, WeightRefactorer, create_reflora_optimizer
+from .reflora import RefLoRATransform, reflora_precondition
+from .reflora_s import RefLoRASTransform, reflora_s_rescale
+from .registry import (METHOD_INFO, METHODS, MethodSpec, available_methods, build_optimizer,
+                       dora_methods, get_method, make_method, pairless_methods,
+                       refactoring_methods, single_step_update)
+from .scaledgd import ScaledGDTransform, scaled_gradients
+from .transform import PairTransform
 
 __all__ = [
     "METHODS",
@@ -51,256 +59,24 @@ __all__ = [
     "MethodSpec",
     "available_methods",
     "build_optimizer",
+    "dora_methods",
+    "get_method",
     "make_method",
+    "pairless_methods",
+    "refactoring_methods",
     "single_step_update",
     "create_reflora_optimizer",
+    "PairTransform",
+    "Refactorer",
+    "WeightRefactorer",
+    "RefLoRATransform",
+    "RefLoRASTransform",
+    "BalanceTransform",
     "ScaledGDTransform",
     "LoraRiteTransform",
     "LoraProTransform",
+    "reflora_precondition",
+    "reflora_s_rescale",
+    "balanced_projection",
+    "scaled_gradients",
 ]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """One registry entry: how to build it, its hyper-parameters (with defaults), its facts."""
-
-    name: str
-    build: Callable[..., tuple[torch.optim.Optimizer, PairTransform | None]]
-    hparams: dict[str, Any]
-    info: dict[str, str]
-    dora: bool = True
-    fixed: dict[str, Any] = field(default_factory=dict)
-
-
-def _spec(name, build, hparams, *, paper, formula, invariance, state, notes, dora=True, fixed=None):
-    info = {"paper": paper, "formula": formula, "invariance": invariance, "state": state,
-            "notes": notes}
-    return MethodSpec(name, build, dict(hparams), info, dora, dict(fixed or {}))
-
-
-_REFLORA_HPARAMS = {"warmup_steps": 0, "interval": 1, "damping": 0.0}
-_REFLORA_PAPER = ("Zhang, Li, Giannakis, RefLoRA: Refactored Low-Rank Adaptation for Efficient "
-                  "Fine-Tuning of Large Models, NeurIPS 2025, arXiv 2505.18877")
-
-METHODS: dict[str, MethodSpec] = {s.name: s for s in [
-    _spec("lora", build_lora, {},
-          paper="Hu et al., LoRA: Low-Rank Adaptation of Large Language Models, ICLR 2022, "
-                "arXiv 2106.09685",
-          formula="A <- A - eta grad_A, B <- B - eta grad_B (base optimizer on the factors)",
-          invariance="none", state="base optimizer only (AdamW: 2(m+n)r)",
-          notes="Plain LoRA; the update changes with the factorization (A P, B P^-T). Needs no "
-                "(A, B) mapping, so it also trains PEFT Conv LoRA layers (as lora+ does)."),
-    _spec("lora+", build_loraplus, {"ratio": DEFAULT_RATIO},
-          paper="Hayou, Ghosh, Yu, LoRA+: Efficient Low Rank Adaptation of Large Models, "
-                "ICML 2024, arXiv 2402.12354",
-          formula="lr(A = PEFT lora_B) = ratio * lr(B = PEFT lora_A); ratio = 16",
-          invariance="none", state="base optimizer only (AdamW: 2(m+n)r)",
-          notes="PEFT models: peft.optimizers.create_loraplus_optimizer (1-D params in the fast "
-                "group, embedding LoRA at lr 1e-6; Conv LoRA layers too); plain pairs: our two "
-                "parameter groups."),
-    _spec("scaledgd", build_scaledgd, {"damping": DEFAULT_DAMPING},
-          paper="Tong, Ma, Chi, JMLR 2021, arXiv 2005.08898; Zhang, Pilanci, Riemannian "
-                "Preconditioned LoRA, ICML 2024, arXiv 2402.02347",
-          formula="A <- A - eta grad_A (B^T B + d I)^+, B <- B - eta grad_B (A^T A + d I)^+; "
-                  "d = 1e-6 (absolute)",
-          invariance="exact", state="none extra; O((m+n)r^2 + r^3) per step",
-          notes="Exact GL(r) invariance with SGD and damping=0 only; d > 0 or AdamW (scaled "
-                "AdamW) break it. PEFT models: peft.optimizers.create_riemannian_optimizer "
-                "(reg = damping; Linear LoRA only); plain pairs: ScaledGDTransform."),
-    _spec("lora-rite", build_lora_rite,
-          {"betas": (0.9, 0.999), "eps": 1e-6, "clip": 1.0, "skip": 1.0, "cap": 0.0,
-           "escaped_mass": False},
-          paper="Yen et al., LoRA Done RITE: Robust Invariant Transformation Equilibration for "
-                "LoRA Optimization, ICLR 2025, arXiv 2410.20625",
-          formula="Gbar_A = grad_A R_B^+; V_A = EMA(P V P^T, Gbar^T Gbar / m); "
-                  "M_A = EMA(M P^T, Gbar V^-1/2); A <- A - eta (M_A R_B^+T + wd A)",
-          invariance="exact", state="~2(m+n)r + 2r^2 + 2 per layer (replaces Adam's moments)",
-          notes="An adaptive optimizer itself: optimizer='sgd' writes its direction into .grad "
-                "for plain SGD (momentum must be 0); optimizer='adamw' takes the same SGD step "
-                "inside the transform and AdamW trains only the non-LoRA parameters. Exact "
-                "GL(r) invariance needs weight_decay=0. The reference default skip=1.0 zeroes a "
-                "factor's update whenever the RMS of its unmagnified gradient Gbar exceeds 1 "
-                "(it is tuned for LLM-scale gradients; generic unit-scale points, e.g. random "
-                "factors and G, trip it), so consistency/invariance probes pass skip=None "
-                "(command line: --hparam skip=none)."),
-    _spec("lora-pro", build_lora_pro, {"x_mode": "sylvester", "betas": (0.9, 0.999), "eps": 1e-8},
-          paper="Wang, Liang, Zhang, Tan, LoRA-Pro: Are Low-Rank Adapters Properly Optimized?, "
-                "ICLR 2025, arXiv 2407.18242",
-          formula="g~ = P_A G + (I - P_A) G P_B; ghat_A = s^-2 (I - P_A) grad_A (B^T B)^-1 - A X, "
-                  "ghat_B = s^-2 grad_B (A^T A)^-1 + B X^T, X from a Sylvester equation",
-          invariance="first-order", state="SGD: none extra; AdamW ('full'): 2mn per layer",
-          notes="optimizer='adamw' is the released 'full' mode: m x n Adam moments of g~ and an "
-                "internal SGD outer step. Exact invariance only for orthogonal P. betas/eps "
-                "act only with optimizer='adamw' (they are validated with 'sgd' too). Not "
-                "available with DoRA.", dora=False),
-    _spec("reflora", build_refactored, _REFLORA_HPARAMS, paper=_REFLORA_PAPER,
-          formula="grad_A <- grad_A S*^-1, grad_B <- grad_B S*, S* = (A^T A)^-1 # (B^T B)",
-          invariance="exact", state="none extra; O((m+n)r^2 + r^3) per step",
-          notes="Exact GL(r) invariance with SGD; with AdamW the preconditioned gradients feed "
-                "unchanged AdamW (not invariant). Use warmup_steps > 0 from the PEFT A = 0 start.",
-          fixed={"method": "reflora"}),
-    _spec("reflora-s", build_refactored, _REFLORA_HPARAMS, paper=_REFLORA_PAPER,
-          formula="after each step: A <- A / sqrt(c), B <- sqrt(c) B, c = ||A||_F / ||B||_F; "
-                  "Adam moments rescaled",
-          invariance="scalar", state="none extra; O((m+n)r) per step",
-          notes="Removes only the scalar gauge A -> aA, B -> B/a.", fixed={"method": "reflora-s"}),
-    _spec("balance", build_refactored, _REFLORA_HPARAMS,
-          paper="balanced projection, cf. BaLoRA: Castin, Nadjahi, Ablin, Peyre, ICML 2026, "
-                "arXiv 2605.31484",
-          formula="after each step: (A, B) <- (A P, B P^-1), P = S*^(1/2) (A^T A = B^T B, same A B^T)",
-          invariance="exact", state="none extra; O((m+n)r^2 + r^3) per step",
-          notes="With SGD and non-singular Grams in every layer the W trajectory equals "
-                "reflora's (exact GL(r) invariance). Not from a singular start (PEFT's lora_B = 0): "
-                "balance leaves layers with singular Grams unprojected while reflora's damped "
-                "preconditioner still acts, so the trajectories differ (use warmup_steps). With "
-                "AdamW the moments are not transformed (not invariant).",
-          fixed={"method": "balance"}),
-]}
-
-#: ``{name: {"paper", "formula", "invariance" ("exact"|"first-order"|"scalar"|"none"), "state", "notes"}}``.
-METHOD_INFO: dict[str, dict[str, str]] = {name: dict(spec.info) for name, spec in METHODS.items()}
-
-
-def available_methods() -> list[str]:
-    """Names accepted by :func:`build_optimizer`, in registry order."""
-    return list(METHODS)
-
-
-def _spec_of(method) -> MethodSpec:
-    if not isinstance(method, str) or method.strip().lower() not in METHODS:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    return METHODS[method.strip().lower()]
-
-
-def _split_hparams(spec: MethodSpec, optimizer: str, hparams: dict) -> tuple[dict, dict]:
-    """Separate base-optimizer keywords from method hyper-parameters (keys may go to both)."""
-    base_keys = BASE_OPTIMIZER_KWARGS[optimizer]
-    unknown = [k for k in hparams if k not in base_keys and k not in spec.hparams]
-    if unknown:
-        valid = sorted(set(spec.hparams) | set(base_keys))
-        raise ValueError(f"unknown hyper-parameter(s) {', '.join(map(repr, unknown))} for method "
-                         f"{spec.name!r} with optimizer {optimizer!r}; valid: "
-                         f"{', '.join(valid) or '(none)'}")
-    base = {k: v for k, v in hparams.items() if k in base_keys}
-    method = {k: v for k, v in hparams.items() if k in spec.hparams}
-    return base, method
-
-
-def build_optimizer(method: str, model_or_pairs, optimizer: str = "sgd", lr: float | None = None,
-                    *, weight_decay: float = 0.0, pairs=None, **hparams
-                    ) -> tuple[torch.optim.Optimizer, PairTransform | None]:
-    r"""The optimizer of ``method`` and its attached transform (``None`` if it has none).
-
-    Parameters
-    ----------
-    method : one of :func:`available_methods`.
-    model_or_pairs : nn.Module | list of (A, B) | list of LoraPair
-        A PEFT model (every ``requires_grad`` parameter is trained; non-LoRA ones, e.g. a
-        classifier head, by the base optimizer at ``lr``) or explicit pairs (A m x r, B n x r).
-        PEFT Conv LoRA layers have no (A, B) mapping: ``lora`` and ``lora+`` train them
-        (PEFT's own grouping for ``lora+``), the other methods raise ``ValueError`` saying so.
-    optimizer : "sgd" | "adamw"
-        The base optimizer (``torch.optim.SGD`` / ``torch.optim.AdamW``).
-    lr : float > 0, required (positional or keyword: ``build_optimizer("reflora", model,
-        "adamw", 1e-4)``).   weight_decay : float >= 0 (the base optimizer's).
-    pairs : optional explicit pairs of a plain-torch ``nn.Module``.
-    **hparams : the method's hyper-parameters (:data:`METHODS` ``[name].hparams`` holds the
-        defaults) and the base optimizer's ``momentum``/``nesterov`` (SGD) or ``betas``/``eps``
-        (AdamW). Unknown names raise ``ValueError`` listing the valid ones.
-
-    Returns
-    -------
-    (optimizer, transform) : call ``optimizer.step()`` as usual; the transform's hooks run
-    inside it (after gradient clipping done before ``step``).
-
-    Examples
-    --------
-    >>> opt, t = build_optimizer("reflora", peft_model, optimizer="adamw", lr=1e-4,
-    ...                          warmup_steps=100)                        # doctest: +SKIP
-    """
-    spec = _spec_of(method)
-    if not isinstance(optimizer, str) or optimizer.strip().lower() not in BASE_OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; valid optimizers: "
-                         f"{', '.join(BASE_OPTIMIZERS)}")
-    optimizer = optimizer.strip().lower()
-    if lr is None:
-        raise ValueError("build_optimizer: lr is required (a number > 0)")
-    lr = check_lr(lr)
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
-            or not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
-    base_kwargs, method_hparams = _split_hparams(spec, optimizer, hparams)
-    trainables = resolve_trainables(model_or_pairs, pairs, method=spec.name)
-    if not spec.dora and uses_dora(trainables.model):
-        raise ValueError(f"method {spec.name!r} is not available with DoRA (use_dora=True): "
-                         "its equivalent gradient targets full fine-tuning of W = W0 + s A B^T, "
-                         "which a DoRA layer does not have; use lora, lora+, scaledgd, lora-rite, "
-                         "reflora, reflora-s or balance")
-    return spec.build(trainables, optimizer, lr, float(weight_decay), base_kwargs,
-                      **spec.fixed, **method_hparams)
-
-
-def make_method(method: str, model_or_pairs, optimizer: torch.optim.Optimizer, **hparams
-                ) -> PairTransform:
-    r"""Attach ``method``'s transform to an optimizer built elsewhere (e.g. by a Trainer).
-
-    Only methods that are a transform around *any* base optimizer qualify: ``reflora``,
-    ``reflora-s``, ``balance`` (:class:`~reflora_analysis.refactor.Refactorer`), ``scaledgd``
-    (:class:`ScaledGDTransform`; with an Adam-type optimizer this is "scaled AdamW") and
-    ``lora-rite`` (internal SGD outer step, so the foreign optimizer only trains the other
-    parameters). ``lora`` needs no transform; ``lora+`` needs its own parameter groups and
-    ``lora-pro`` a mode tied to the base optimizer: use :func:`build_optimizer` for those.
-    """
-    spec = _spec_of(method)
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-    unknown = [k for k in hparams if k not in spec.hparams]
-    if unknown:
-        raise ValueError(f"unknown hyper-parameter(s) {', '.join(map(repr, unknown))} for method "
-                         f"{spec.name!r}; valid: {', '.join(spec.hparams) or '(none)'}")
-    pairs = resolve_trainables(model_or_pairs, method=spec.name).pairs
-    if not spec.dora and uses_dora(model_or_pairs):
-        raise ValueError(f"method {spec.name!r} is not available with DoRA (use_dora=True)")
-    if spec.name in ("reflora", "reflora-s", "balance"):
-        return Refactorer(pairs, method=spec.name, **hparams).attach(optimizer)
-    if spec.name == "scaledgd":
-        return ScaledGDTransform(pairs, **hparams).attach(optimizer)
-    if spec.name == "lora-rite":
-        wd = {float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups}
-        return LoraRiteTransform(pairs, outer_step="internal", weight_decay=max(wd),
-                                 **hparams).attach(optimizer)
-    raise ValueError(f"method {spec.name!r} cannot be attached to an existing optimizer; "
-                     "build it with reflora_analysis.methods.build_optimizer (or use "
-                     "reflora_analysis.hf_trainer.RefTrainer)")
-
-
-def single_step_update(method: str, A: Tensor, B: Tensor, G: Tensor, lr: float, **hparams
-                       ) -> Tensor:
-    r"""``dW = A+ B+^T - A B^T`` after one SGD step of ``method`` from the factors.
-
-    The gradients are those of a loss with gradient ``G`` in ``W = W0 + A B^T``:
-    ``grad_A = G B``, ``grad_B = G^T A``. Inputs are not modified. Used by the consistency
-    probe: for ``reflora``, ``balance``, ``lora-rite`` (``skip=None``: its default guard zeroes
-    the step at unit-scale gradients) and ``scaledgd`` (``damping=0``) the result is the same
-    for every factorization ``(A P, B P^{-T})`` of ``A B^T``.
-
-    Shapes: A (m x r), B (n x r), G (m x n), floating point (else ``TypeError``); returns
-    (m x n) in A's dtype.
-    """
-    for label, t in (("A", A), ("B", B), ("G", G)):
-        if not isinstance(t, Tensor) or t.dim() != 2:
-            raise ValueError(f"{label} must be a 2-D tensor, got "
-                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{label} must be floating point, got {t.dtype}")
-    if A.shape[1] != B.shape[1]:
-        raise ValueError(f"A (m x r) and B (n x r) must share the rank; got {tuple(A.shape)} "
-                         f"and {tuple(B.shape)}")
-    if G.shape != (A.shape[0], B.shape[0]):
-        raise ValueError(f"G must be m x n = {A.shape[0]} x {B.shape[0]}, got {tuple(G.shape)}")
-    A0, B0, G = A.detach(), B.detach(), G.detach().to(A.dtype)
-    a, b = nn.Parameter(A0.clone()), nn.Parameter(B0.clone())
-    a.grad, b.grad = G @ B0, G.mT @ A0
-    opt, _ = build_optimizer(method, [(a, b)], optimizer="sgd", lr=lr, **hparams)
-    opt.step()
-    return a.detach() @ b.detach().mT - A0 @ B0.mT

@@ -1,7 +1,7 @@
 r"""Shared plumbing of the method registry: resolving parameters, base optimizers, checks.
 
 Every method of :mod:`reflora_analysis.methods` is "a base optimizer (SGD or AdamW) plus, for
-some methods, a :class:`~reflora_analysis.refactor.PairTransform` that changes the LoRA
+some methods, a :class:`~reflora_analysis.methods.transform.PairTransform` that changes the LoRA
 gradients or weights around each step". This module holds what all of them share:
 
 - :class:`Trainables`: the LoRA pairs (paper notation, :mod:`reflora_analysis.pairs`) and the
@@ -22,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from ..pairs import LoraPair, NoLoraLayersError, find_lora_pairs
-from ..refactor import PairTransform
 from ..theory import symmetrize
+from .transform import PairTransform
 
 __all__ = [
     "BASE_OPTIMIZERS",
@@ -40,11 +40,7 @@ __all__ = [
     "check_betas",
     "check_number",
     "LayerStateTransform",
-    "CONV_LORA_METHODS",
 ]
-
-#: Methods that need no (A, B) pair mapping, hence also train PEFT Conv LoRA layers.
-CONV_LORA_METHODS = ("lora", "lora+")
 
 #: Base optimizers by name.
 BASE_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -101,9 +97,10 @@ def resolve_trainables(model_or_pairs, pairs=None, *, method: str | None = None)
         Explicit pairs of a plain-torch ``nn.Module`` (its other ``requires_grad`` parameters
         are trained by the base optimizer).
     method : optional
-        The method being built. The methods of :data:`CONV_LORA_METHODS` need no pair mapping,
-        so a PEFT model whose LoRA layers cannot be mapped to (A, B) pairs (Conv LoRA) is
-        trained whole: ``pairs=[]`` and every ``requires_grad`` parameter in ``others``.
+        The method being built (a registry name). Methods whose registry entry has
+        ``needs_pairs=False`` (``methods.pairless_methods()``) need no pair mapping, so a
+        PEFT model whose LoRA layers cannot be mapped to (A, B) pairs (Conv LoRA) is trained
+        whole: ``pairs=[]`` and every ``requires_grad`` parameter in ``others``.
         For the other methods such a model raises a ``ValueError`` naming the layer and the
         methods that do support it.
     """
@@ -115,10 +112,11 @@ def resolve_trainables(model_or_pairs, pairs=None, *, method: str | None = None)
         except ValueError as err:  # a PEFT LoRA layer without an (A, B) mapping, e.g. Conv2d
             if pairs is not None or not is_peft_model(model_or_pairs):
                 raise
-            if method not in CONV_LORA_METHODS:
+            from .registry import get_method, pairless_methods  # the registry imports us
+            if method is None or get_method(method).needs_pairs:
                 needs = f"method {method!r}" if method else "this method"
                 raise ValueError(f"{err}; {needs} needs (A, B) pairs, only methods "
-                                 f"{' and '.join(CONV_LORA_METHODS)} train such layers") from None
+                                 f"{' and '.join(pairless_methods())} train such layers") from None
             others = [p for p in _unique(model_or_pairs.parameters()) if p.requires_grad]
             return Trainables(pairs=[], others=others, model=model_or_pairs, from_model=True)
         lora_ids = {id(p) for pair in found for p in pair.params}

@@ -115,6 +115,7 @@ class LoraProTransform(LayerStateTransform):
     """
 
     state_key, step_attr, layers_attr, label = "lora_pro", "pro_step", "moments", "LoRA-Pro"
+    phase = "pre"
     layers_field = "moments"
 
     def __init__(self, model_or_pairs, *, mode: str = "sgd", x_mode: str = "sylvester",

@@ -49,7 +49,7 @@ from ..theory import symmetrize
 from .base import (LayerStateTransform, check_betas, check_number, internal_sgd_step,
                    make_base_optimizer)
 
-__all__ = ["LoraRiteTransform", "rite_precondition", "bias_corrected_decay"]
+__all__ = ["LoraRiteTransform", "rite_precondition", "bias_corrected_decay", "attach_lora_rite"]
 
 
 def bias_corrected_decay(beta: float, k: int) -> float:
@@ -107,6 +107,7 @@ class LoraRiteTransform(LayerStateTransform):
     """
 
     state_key, step_attr, layers_attr, label = "lora_rite", "rite_step", "rite_state", "LoRA-RITE"
+    phase = "pre"
 
     def __init__(self, model_or_pairs, *, betas=(0.9, 0.999), eps: float = 1e-6,
                  clip: float | None = 1.0, skip: float | None = 1.0, cap: float = 0.0,
@@ -276,3 +277,12 @@ def build_lora_rite(tr, optimizer: str, lr: float, weight_decay: float, base_kwa
     opt = make_base_optimizer(optimizer, groups, lr=lr, weight_decay=weight_decay,
                               base_kwargs=base_kwargs)
     return opt, transform.attach(opt)
+
+
+def attach_lora_rite(pairs, optimizer: torch.optim.Optimizer, **hparams) -> LoraRiteTransform:
+    """LoRA-RITE on an optimizer built elsewhere (``methods.make_method``): the transform
+    takes the SGD outer step itself (``outer_step="internal"``) with the optimizer's largest
+    group weight decay, so the foreign optimizer only trains the other parameters."""
+    wd = {float(g.get("weight_decay", 0.0)) for g in optimizer.param_groups}
+    return LoraRiteTransform(pairs, outer_step="internal", weight_decay=max(wd),
+                             **hparams).attach(optimizer)

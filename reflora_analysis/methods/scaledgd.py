@@ -32,9 +32,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..refactor import PairTransform
 from .base import (BASE_OPTIMIZERS, check_number, gram_pinv, is_peft_model,
                    make_base_optimizer)
+from .transform import PairTransform
 
 __all__ = ["DEFAULT_DAMPING", "scaled_gradients", "ScaledGDTransform"]
 
@@ -65,6 +65,8 @@ class ScaledGDTransform(PairTransform):
     damping : float
         Absolute damping ``d >= 0`` (``d = 0``: exact GL(r) invariance with SGD).
     """
+
+    phase = "pre"
 
     def __init__(self, model_or_pairs, *, damping: float = DEFAULT_DAMPING):
         damping = check_number("scaledgd damping", damping)

@@ -327,13 +327,9 @@ SCHEDULE_HPARAMS = ("warmup_steps", "interval")
 
 def canonical_method(method) -> str:
     """The registry name of ``method`` (``" LoRA "`` -> ``"lora"``); ``ValueError`` if unknown."""
-    from ..methods import available_methods
+    from ..methods import get_method  # the registry resolves names in one place
 
-    valid = available_methods()
-    name = method.strip().lower() if isinstance(method, str) else None
-    if name not in valid:
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(valid)}")
-    return name
+    return get_method(method).name
 
 
 def step_method(method, hparams: dict | None = None, active: bool = True) -> tuple[str, dict]:

@@ -40,14 +40,17 @@ from .sharpness import lanczos_top_eigenvalues
 
 __all__ = ["preconditioner_for", "estimate_smoothness", "bound_step", "bound_line_scan"]
 
-#: Methods whose one SGD step is the preconditioned step ``dW(S)`` of F1/F2. ``balance`` is in
-#: it because its SGD step equals RefLoRA's (``BASELINES.md`` section 5: projecting onto the
-#: balanced factorization before the step is F4/F5's refactoring with ``P P^T = S*``).
-S_FAMILY = ("lora", "reflora", "reflora-s", "balance")
+def s_family() -> tuple[str, ...]:
+    """Methods whose one SGD step is the preconditioned step ``dW(S)`` of F1/F2: plain LoRA
+    (``S = I``) and the registry's refactoring methods. ``balance`` is one because its SGD
+    step equals RefLoRA's (``BASELINES.md`` section 5: projecting onto the balanced
+    factorization before the step is F4/F5's refactoring with ``P P^T = S*``)."""
+    from ..methods import refactoring_methods
+    return ("lora", *refactoring_methods())
 
 
 def preconditioner_for(method: str, A: Tensor, B: Tensor, damping: float = 0.0) -> Tensor | None:
-    """``S`` of the method in F1, or ``None`` for methods outside :data:`S_FAMILY`.
+    """``S`` of the method in F1, or ``None`` for methods outside :func:`s_family`.
 
     ``lora``: ``I``; ``reflora``: ``S*`` (F3) of the relatively damped Grams (``damping``, as
     :class:`~reflora_analysis.refactor.Refactorer` uses it); ``balance``: the undamped ``S*``

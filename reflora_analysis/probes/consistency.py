@@ -22,8 +22,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..methods import METHOD_INFO, available_methods, single_step_update
-from ._util import SCHEDULE_HPARAMS, canonical_method
+from ..methods import available_methods, get_method, single_step_update
+from ._util import SCHEDULE_HPARAMS
 
 __all__ = ["random_gl", "consistency_score", "consistency_table", "step_update"]
 
@@ -53,7 +53,7 @@ def step_update(method: str, A: Tensor, B: Tensor, G: Tensor, lr: float, **hpara
     if schedule:
         raise ValueError(f"{', '.join(schedule)} describe a training schedule, not one step; "
                          "pass the method the step is ('lora' during warm-up) without them")
-    return single_step_update(canonical_method(method), A, B, G, lr, **hparams)
+    return single_step_update(get_method(method).name, A, B, G, lr, **hparams)
 
 
 def consistency_score(method: str, A: Tensor, B: Tensor, grad_fn: Callable[[Tensor], Tensor],
@@ -85,7 +85,7 @@ def consistency_score(method: str, A: Tensor, B: Tensor, grad_fn: Callable[[Tens
         raise ValueError(f"n_reparam must be a positive integer, got {n_reparam!r}")
     if not callable(grad_fn):
         raise TypeError(f"grad_fn must be callable W -> dL/dW, got {type(grad_fn).__name__}")
-    method = canonical_method(method)
+    method = get_method(method).name
     A, B = A.detach(), B.detach()
     gen = torch.Generator().manual_seed(int(seed))
 
@@ -121,9 +121,9 @@ def consistency_table(methods: Sequence[str] | None = None, *, m: int = 30, n: i
     Problem ``k``: ``l(W) = 1/2 ||W - Y_k||_F^2`` (so ``G = W - Y_k``) with Gaussian ``A, B``
     (m x r, n x r) scaled by ``1/sqrt(r)`` and a Gaussian target ``Y_k``. ``hparams`` maps a
     method name to its hyper-parameters (e.g. ``{"scaledgd": {"damping": 0.0}}``). Returns
-    ``{method: {"median": ..., "max": ..., "invariance": METHOD_INFO claim or ""}}``.
+    ``{method: {"median": ..., "max": ..., "invariance": the registry's claim}}``.
     """
-    methods = available_methods() if methods is None else [canonical_method(m) for m in methods]
+    methods = available_methods() if methods is None else [get_method(m).name for m in methods]
     gen = torch.Generator().manual_seed(int(seed))
     problems = []
     for _ in range(n_problems):
@@ -138,5 +138,5 @@ def consistency_table(methods: Sequence[str] | None = None, *, m: int = 30, n: i
                   for i, (A, B, Y) in enumerate(problems)]
         scores.sort()
         table[name] = {"median": scores[len(scores) // 2], "max": scores[-1],
-                       "invariance": METHOD_INFO.get(name, {}).get("invariance", "")}
+                       "invariance": get_method(name).invariance}
     return table

@@ -127,6 +127,88 @@ def _delta_w_direction(kind, pairs, gen, G_list, products):
     return scaled, zero_product
 
 
+def _check_slice(dims: int, directions, normalization: str) -> tuple[str, ...]:
+    """The slice's directions as a tuple of ``dims`` names; ``ValueError`` on bad input."""
+    if dims not in (1, 2):
+        raise ValueError(f"dims must be 1 or 2, got {dims!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; valid: "
+                         f"{', '.join(NORMALIZATIONS)}")
+    if isinstance(directions, str):
+        directions = (directions,) * dims
+    directions = tuple(directions)
+    if len(directions) != dims or any(d not in ("random", "update") for d in directions):
+        raise ValueError(f"directions must be {dims} of 'random'/'update', got {directions!r}")
+    return directions
+
+
+def _slice_pairs(model, pairs, normalization: str) -> list:
+    if pairs is not None:
+        return find_lora_pairs(pairs)
+    try:
+        return find_lora_pairs(model)
+    except NoLoraLayersError:
+        if normalization != "filter":  # rank / delta-w need to know the factors
+            raise
+        return []  # filter normalisation of a plain model: no LoRA-specific checks
+
+
+def _factor_space_setter(model, loss_closure, params, pairs, directions, normalization, gen):
+    """``(set_point, flat_start)`` for directions in factor space (filter / rank modes).
+
+    ``set_point(offsets)`` writes ``theta0 + sum_k offsets[k] d_k`` into the parameters; a zero
+    factor (the PEFT ``B = 0`` start) keeps the product, hence the slice, flat: warned.
+    """
+    zero = [pr.name for pr in pairs if float(pr.A.abs().max()) == 0 or float(pr.B.abs().max()) == 0]
+    if zero:
+        warnings.warn(f"LoRA factor is zero in {len(zero)} layer(s) (e.g. {zero[0]}: the "
+                      f"B = 0 start); a {normalization!r} slice keeps the product at 0 and "
+                      "is flat there. Use normalization='delta-w'.", FlatSliceWarning,
+                      stacklevel=3)
+    grads = None
+    if "update" in directions:
+        with math_attention(), torch.enable_grad():
+            grads = torch.autograd.grad(evaluate_loss(loss_closure), params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    dirs = [_factor_direction(kind, params, pairs, normalization, gen, grads) for kind in directions]
+    base = [p.detach().clone() for p in params]
+
+    def set_point(offsets):
+        for i, p in enumerate(params):
+            val = base[i]
+            for c, d in zip(offsets, dirs):
+                val = val + c * d[i]
+            p.data.copy_(val)
+    return set_point, bool(zero)
+
+
+def _delta_w_setter(model, loss_closure, pairs, directions, gen):
+    """``(set_point, False)`` for directions in product space: ``W0 + A B^T + sum_k c_k D_k``
+    (GL(r)-invariant), realised by widening each pair (``_augment``) under ``no_grad``."""
+    G_list = (gradient_in_W(model, loss_closure, pairs) if "update" in directions
+              else [None] * len(pairs))
+    products = [(pr.A @ pr.B.T).detach() for pr in pairs]
+    dirs = []
+    for kind in directions:
+        d, zero_product = _delta_w_direction(kind, pairs, gen, G_list, products)
+        dirs.append(d)
+    if zero_product:
+        warnings.warn("every LoRA product A B^T is 0 (the B = 0 start): delta-W directions "
+                      "are normalised to unit Frobenius norm per layer instead",
+                      FlatSliceWarning, stacklevel=3)
+    originals = [(pr.a.data, pr.b.data) for pr in pairs]
+
+    def set_point(offsets):
+        for k, pr in enumerate(pairs):
+            pr.a.data, pr.b.data = originals[k]
+            if all(c == 0 for c in offsets):
+                continue  # the centre: the unmodified model, bit for bit
+            m, n = pr.shape
+            extra = sum(c * d[k] for c, d in zip(offsets, dirs))
+            _augment(pr, extra, torch.eye(n, dtype=extra.dtype, device=extra.device))
+    return set_point, False
+
+
 def loss_landscape(model: nn.Module, loss_closure: LossClosure, *, dims: int = 1,
                    directions: Sequence[str] | str = "random", normalization: str = "filter",
                    extent: float = 1.0, n_points: int = 21, seed: int = 0,
@@ -155,82 +237,22 @@ def loss_landscape(model: nn.Module, loss_closure: LossClosure, *, dims: int = 1
     ``centre_loss``, ``seed``, ``normalization``, ``directions``, ``extent``, ``flat``,
     ``flat_start``, ``evaluations``, ``seconds``.
     """
-    if dims not in (1, 2):
-        raise ValueError(f"dims must be 1 or 2, got {dims!r}")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}; valid: "
-                         f"{', '.join(NORMALIZATIONS)}")
-    if isinstance(directions, str):
-        directions = (directions,) * dims
-    directions = tuple(directions)
-    if len(directions) != dims or any(d not in ("random", "update") for d in directions):
-        raise ValueError(f"directions must be {dims} of 'random'/'update', got {directions!r}")
+    directions = _check_slice(dims, directions, normalization)
     grid = symmetric_grid(float(extent), n_points)
     params = trainable_parameters(model)
-    if pairs is not None:
-        pairs = find_lora_pairs(pairs)
-    else:
-        try:
-            pairs = find_lora_pairs(model)
-        except NoLoraLayersError:
-            if normalization != "filter":  # rank / delta-w need to know the factors
-                raise
-            pairs = []  # filter normalisation of a plain model: no LoRA-specific checks
+    pairs = _slice_pairs(model, pairs, normalization)
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(int(seed))
-    flat_start = False
     evaluations = 0
     with preserved_state(model, [t for pr in pairs for t in pr.params] + params):
         model.eval()
         with torch.no_grad():
             centre = float(evaluate_loss(loss_closure))
         if normalization in ("filter", "rank"):
-            zero = [pr.name for pr in pairs
-                    if float(pr.A.abs().max()) == 0 or float(pr.B.abs().max()) == 0]
-            if zero:
-                flat_start = True
-                warnings.warn(f"LoRA factor is zero in {len(zero)} layer(s) (e.g. {zero[0]}: the "
-                              f"B = 0 start); a {normalization!r} slice keeps the product at 0 and "
-                              "is flat there. Use normalization='delta-w'.", FlatSliceWarning,
-                              stacklevel=2)
-            grads = None
-            if "update" in directions:
-                with math_attention(), torch.enable_grad():
-                    grads = torch.autograd.grad(evaluate_loss(loss_closure), params,
-                                                allow_unused=True)
-                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            dirs = [_factor_direction(kind, params, pairs, normalization, gen, grads)
-                    for kind in directions]
-            base = [p.detach().clone() for p in params]
-
-            def set_point(offsets):
-                for i, p in enumerate(params):
-                    val = base[i]
-                    for c, d in zip(offsets, dirs):
-                        val = val + c * d[i]
-                    p.data.copy_(val)
+            set_point, flat_start = _factor_space_setter(model, loss_closure, params, pairs,
+                                                          directions, normalization, gen)
         else:
-            G_list = (gradient_in_W(model, loss_closure, pairs) if "update" in directions
-                      else [None] * len(pairs))
-            products = [(pr.A @ pr.B.T).detach() for pr in pairs]
-            dirs = []
-            for kind in directions:
-                d, zero_product = _delta_w_direction(kind, pairs, gen, G_list, products)
-                dirs.append(d)
-            if zero_product:
-                warnings.warn("every LoRA product A B^T is 0 (the B = 0 start): delta-W directions "
-                              "are normalised to unit Frobenius norm per layer instead",
-                              FlatSliceWarning, stacklevel=2)
-            originals = [(pr.a.data, pr.b.data) for pr in pairs]
-
-            def set_point(offsets):
-                for k, pr in enumerate(pairs):
-                    pr.a.data, pr.b.data = originals[k]
-                    if all(c == 0 for c in offsets):
-                        continue  # the centre: the unmodified model, bit for bit
-                    m, n = pr.shape
-                    extra = sum(c * d[k] for c, d in zip(offsets, dirs))
-                    _augment(pr, extra, torch.eye(n, dtype=extra.dtype, device=extra.device))
+            set_point, flat_start = _delta_w_setter(model, loss_closure, pairs, directions, gen)
 
         def value(offsets):
             nonlocal evaluations

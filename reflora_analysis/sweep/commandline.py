@@ -1,0 +1,141 @@
+"""The ``sweep`` sub-command: :func:`add_arguments` declares its options, :func:`command`
+runs them (``reflora-analysis sweep`` or ``python -m reflora_analysis.sweep``, :func:`main`).
+
+Lists are comma-separated (``--lrs 0.01,0.03``); ``--set`` / ``--hparam`` take ``KEY=VALUE``
+with the value read as JSON when it parses (``3``, ``0.5``, ``true``), else as a string.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .protocol import summarize, tune_then_test
+from .runs import run_sweep
+from .table import load_results
+
+__all__ = ["add_arguments", "command", "main"]
+
+
+def _comma_list(kind, what: str):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, got {text!r}")
+        try:
+            return [kind(t) for t in items]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}, "
+                                             f"got {text!r}") from None
+    parse.__name__ = f"list of {what}"
+    return parse
+
+
+def _setting(text: str) -> tuple[str, Any]:
+    """``key=value``; the value read as JSON when possible (``3``, ``0.5``, ``true``), else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``sweep`` sub-command's options (see :func:`command`)."""
+    parser.add_argument("--task", required=True, help="task name (see `reflora-analysis tasks`)")
+    parser.add_argument("--methods", required=True, type=_comma_list(str, "method names"),
+                        help="comma-separated methods, e.g. lora,reflora")
+    parser.add_argument("--lrs", required=True, type=_comma_list(float, "numbers"),
+                        help="comma-separated learning rates, e.g. 0.01,0.03")
+    parser.add_argument("--seeds", required=True, type=_comma_list(int, "integers"),
+                        help="comma-separated seeds (with --test-seeds: the tuning seeds, >= 3)")
+    parser.add_argument("--test-seeds", type=_comma_list(int, "integers"), default=None,
+                        help="run the two-stage protocol: choose each method's lr on --seeds "
+                             "(validation), then rerun it on these seeds (>= 5) and report on test")
+    parser.add_argument("--steps", required=True, type=int, help="optimizer updates per run")
+    parser.add_argument("--out", required=True, help="sweep directory (resumable)")
+    parser.add_argument("--jobs", type=int, default=1, help="parallel runs (default 1)")
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    parser.add_argument("--quick", action="store_true", help="task's small settings")
+    parser.add_argument("--set", dest="settings", action="append", type=_setting, default=[],
+                        metavar="KEY=VALUE", help="task override, repeatable (e.g. --set rank=8)")
+    parser.add_argument("--hparam", dest="hparams", action="append", type=_setting, default=[],
+                        metavar="[METHOD:]KEY=VALUE",
+                        help="method hyper-parameter, repeatable; METHOD: limits it to one method "
+                             "(e.g. --hparam reflora:warmup_steps=10)")
+    parser.add_argument("--checkpoint-every", type=int, default=None,
+                        help="checkpoint interval in steps (default steps // 10; 0: none)")
+    parser.add_argument("--metric", default=None,
+                        help="metric for lr selection and report (default: accuracy if reported, "
+                             "else a loss/error)")
+    parser.add_argument("--direction", choices=("max", "min"), default=None,
+                        help="is a higher metric better (max) or lower (min); default from its name")
+    parser.add_argument("--baseline", default="lora",
+                        help="method the others are paired with (default lora; 'none' for no pairing)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def command(args: argparse.Namespace) -> int:
+    """Run the sweep (or, with ``--test-seeds``, the two-stage protocol) and summarise it.
+
+    Prints ``summary.md`` on stdout. Exit status 0, or 1 when some run failed (an error
+    other than divergence; rerun the same command to retry it). Bad input raises ValueError.
+    """
+    task_options = dict(args.settings)
+    if args.quick:
+        task_options["quick"] = True
+    baseline = None if str(args.baseline).lower() == "none" else args.baseline
+    common = dict(optimizer=args.optimizer, jobs=args.jobs, task_options=task_options,
+                  hparams=dict(args.hparams), progress=not args.no_progress, device=args.device,
+                  checkpoint_every=args.checkpoint_every)
+    out = Path(args.out)
+    if args.test_seeds is not None:
+        if baseline is None:
+            raise ValueError("the two-stage protocol needs a --baseline method")
+        summary = tune_then_test(args.task, args.methods, args.lrs, args.seeds, args.test_seeds,
+                                 args.steps, out, metric=args.metric, direction=args.direction,
+                                 baseline=baseline, **common)
+    else:
+        run_sweep(args.task, args.methods, args.lrs, args.seeds, args.steps, out, **common)
+        summary = None
+        methods = [m.strip().lower() for m in args.methods]
+        if len(set(args.seeds)) >= 2:
+            # one stage: lr chosen and reported on the same seeds (summary.md says so)
+            summary = summarize(out, metric=args.metric, direction=args.direction,
+                                baseline=baseline if baseline in methods else None,
+                                methods=methods)
+        else:
+            print("reflora-analysis: one seed: no intervals, no summary (results in "
+                  f"{out / 'results.csv'})", file=sys.stderr)
+    if summary is not None:
+        print((out / "summary.md").read_text(encoding="utf-8"), end="")
+    rows = load_results(out)
+    failed = [r["run_id"] for r in rows if r["status"] == "failed"]
+    diverged = sum(r["status"] == "diverged" for r in rows)
+    print(f"reflora-analysis: {len(rows)} runs in {out / 'results.csv'} ({diverged} diverged, "
+          f"{len(failed)} failed)", file=sys.stderr)
+    if failed:
+        print(f"reflora-analysis: error: {len(failed)} run(s) failed, e.g. {failed[0]}: "
+              f"{next(r['message'] for r in rows if r['status'] == 'failed')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m reflora_analysis.sweep ...`` (the same options as ``reflora-analysis sweep``)."""
+    from . import __doc__ as overview
+    parser = argparse.ArgumentParser(prog="reflora-analysis sweep", description=overview.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return command(args)
+    except ValueError as exc:
+        print(f"reflora-analysis: error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,233 @@
+"""Running a sweep's grid: one folder per run, resumable, in this process or a process pool.
+
+Run ids are deterministic and readable: ``{task}__{method}__{optimizer}__lr{lr:g}__s{seed}``
+(:func:`run_id`). A run is *done* when its ``result.json`` says ``finished`` or ``diverged``
+and ``run.meta.json`` agrees (``completed`` / ``diverged``); a done run is never re-run. Any
+other run is resumed from its checkpoint or, without one, restarted from step 0 (its old
+log removed first); a run that ``failed`` is retried by the next invocation.
+
+Each run (:func:`_execute`): ``train.seed_everything(seed)``, ``make_task(task, seed=seed,
+**task_options)``, ``train.run(..., log_every=1, eval_every=0)``, then
+:func:`evaluate_splits`; the outcome goes to ``result.json``. Divergence and other
+exceptions are recorded, never raised; after every run the results table is rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..io import atomic_write_json
+from .settings import GridSettings, check_list, check_lr, check_seed, pin_settings, prepare
+from .table import as_stored, read_json_or_none, write_table
+
+__all__ = ["run_id", "evaluate_splits", "run_grid", "run_sweep", "is_done"]
+
+_DONE = {"finished": "completed", "diverged": "diverged"}  # result.json status -> meta status
+_CONFIG_KEYS = ("run_id", "task", "method", "optimizer", "lr", "seed", "steps", "task_options",
+                "hparams")
+
+
+def run_id(task: str, method: str, optimizer: str, lr: float, seed: int) -> str:
+    """``{task}__{method}__{optimizer}__lr{lr:g}__s{seed}``, e.g. ``mf__lora__adamw__lr0.05__s0``."""
+    return f"{task}__{method}__{optimizer}__lr{float(lr):g}__s{int(seed)}"
+
+
+def evaluate_splits(task) -> dict[str, dict[str, float] | None]:
+    """``{"validation": {...}, "test": {...} or None}`` of a trained task.
+
+    A task with ``evaluate_split(split)`` is asked for ``"validation"`` and ``"test"``; any
+    other task's ``evaluate()`` counts as validation and ``test`` is None. The one place to
+    adjust when the tasks' evaluation contract changes.
+    """
+    import torch
+
+    def floats(metrics) -> dict[str, float]:
+        return {str(k): float(v) for k, v in dict(metrics).items()}
+
+    with torch.no_grad():
+        split = getattr(task, "evaluate_split", None)
+        if callable(split):
+            return {"validation": floats(split("validation")), "test": floats(split("test"))}
+        return {"validation": floats(task.evaluate()), "test": None}
+
+
+def is_done(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` has its final outcome (finished or diverged)."""
+    result = read_json_or_none(run_dir / "result.json")
+    meta = read_json_or_none(run_dir / "run.meta.json")
+    return (result is not None and meta is not None and result.get("status") in _DONE
+            and meta.get("status") == _DONE[result["status"]])
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def _execute(spec: dict) -> str:
+    """Train and evaluate one run described by ``spec``; write its ``result.json``.
+
+    Returns the outcome status. Divergence and other exceptions are recorded, not raised;
+    ``KeyboardInterrupt`` / ``SystemExit`` propagate (the run stays unfinished).
+    """
+    from .. import train
+    from ..checkpoint import PoisonedCheckpointError
+    from ..tasks import make_task
+
+    run_dir = Path(spec["run_dir"])
+    out = run_dir / "run.jsonl"
+    ckpt = train.checkpoint_path(out)
+    (run_dir / "result.json").unlink(missing_ok=True)
+    resume = ckpt.is_file()
+    if not resume:  # restart: nothing to resume from, so no stale log may survive
+        for path in (out, train.meta_path(out)):
+            path.unlink(missing_ok=True)
+    status, message, metrics = "failed", "", {"validation": None, "test": None}
+    try:
+        train.seed_everything(spec["seed"])
+        task = make_task(spec["task"], seed=spec["seed"], device=spec["device"],
+                         **spec["task_options"])
+        train.run(task, spec["method"], optimizer=spec["optimizer"], lr=spec["lr"],
+                  steps=spec["steps"], seed=spec["seed"], device=spec["device"], out=out,
+                  log_every=1, eval_every=0, checkpoint_every=spec["checkpoint_every"],
+                  resume=resume, progress=False, **spec["hparams"])
+        metrics = evaluate_splits(task)
+        status = "finished"
+    except (train.TrainingDiverged, PoisonedCheckpointError) as exc:
+        status, message = "diverged", str(exc)
+    except Exception as exc:  # recorded; the next invocation retries it
+        status, message = "failed", f"{type(exc).__name__}: {exc}"
+    atomic_write_json(run_dir / "result.json", {"status": status, "message": message, **metrics})
+    return status
+
+
+def _check_task_builds(task: str, task_options: dict, device: str, seed: int) -> None:
+    """Build the task once, so that a bad option is one clear error, not a column of failures."""
+    from ..tasks import make_task
+    from ..train import resolve_device
+    resolve_device(device)
+    built = make_task(task, seed=seed, device=device, **task_options)
+    del built
+
+
+def _specs(s: GridSettings, cells: list[tuple[str, float, int]]) -> list[dict]:
+    """One run description per cell; refuses lrs whose run ids (or folders) collide."""
+    specs, ids = [], {}
+    for method, lr, seed in cells:
+        rid = run_id(s.task, method, s.optimizer, lr, seed)
+        if rid in ids and ids[rid] != (method, lr, seed):
+            raise ValueError(f"learning rates {ids[rid][1]!r} and {lr!r} give the same run id "
+                             f"{rid!r}; use lrs that differ in 6 significant digits")
+        ids[rid] = (method, lr, seed)
+        run_dir = s.out_dir / "runs" / rid
+        config = {"run_id": rid, "task": s.task, "method": method, "optimizer": s.optimizer,
+                  "lr": lr, "seed": seed, "steps": s.steps, "task_options": s.task_options,
+                  "hparams": s.per_method[method]}
+        old = read_json_or_none(run_dir / "config.json")
+        if old is not None and old != as_stored(config):
+            raise ValueError(f"{run_dir} holds a different run (lr {old.get('lr')!r}); use lrs that "
+                             "differ in 6 significant digits or another output directory")
+        specs.append({**config, "run_dir": str(run_dir), "device": s.device,
+                      "checkpoint_every": s.checkpoint_every})
+    return specs
+
+
+def run_grid(s: GridSettings, cells: list[tuple[str, float, int]]) -> list[dict]:
+    """Run the ``(method, lr, seed)`` cells not done yet; return the whole table."""
+    specs = _specs(s, cells)
+    todo = [spec for spec in specs if not is_done(Path(spec["run_dir"]))]
+    if todo:
+        _check_task_builds(s.task, s.task_options, s.device, todo[0]["seed"])
+    for spec in todo:
+        Path(spec["run_dir"]).mkdir(parents=True, exist_ok=True)
+        (Path(spec["run_dir"]) / "result.json").unlink(missing_ok=True)  # outcome: unknown again
+        atomic_write_json(Path(spec["run_dir"]) / "config.json",
+                          {k: spec[k] for k in _CONFIG_KEYS}, digits=None)
+
+    bar = None
+    if s.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=f"sweep {s.task}",
+                   unit="run", file=sys.stderr, dynamic_ncols=True)
+    rows = write_table(s.out_dir)
+    try:
+        if s.jobs == 1 or len(todo) <= 1:
+            for spec in todo:
+                if bar is not None:
+                    bar.set_postfix_str(spec["run_id"])
+                _execute(spec)
+                rows = write_table(s.out_dir)
+                if bar is not None:
+                    bar.update(1)
+        else:
+            rows = _run_pool(todo, s.jobs, s.out_dir, bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+def _run_pool(todo: list[dict], jobs: int, out_dir: Path, bar) -> list[dict]:
+    """The runs of ``todo`` on a ``spawn`` pool of ``jobs`` workers, each with
+    ``max(1, cores // jobs)`` torch threads; the table is rewritten as each run ends."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    threads = max(1, cores // jobs)
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
+                               mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_worker_init, initargs=(threads,))
+    try:
+        futures = {pool.submit(_execute, spec): spec for spec in todo}
+        for future in as_completed(futures):
+            future.result()  # _execute records run errors; this raises only if a worker died
+            write_table(out_dir)
+            if bar is not None:
+                bar.set_postfix_str(futures[future]["run_id"])
+                bar.update(1)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return write_table(out_dir)
+
+
+def run_sweep(task: str, methods: Sequence[str], lrs: Sequence[float], seeds: Sequence[int],
+              steps: int, out_dir, *, optimizer: str = "adamw", jobs: int = 1,
+              task_options: Mapping | None = None, hparams: Mapping | None = None,
+              progress: bool = True, device: str = "cpu",
+              checkpoint_every: int | None = None) -> list[dict]:
+    """Run the grid ``methods x lrs x seeds`` on ``task`` under ``out_dir``; return the table.
+
+    Parameters
+    ----------
+    task : task name (``make_task``). methods : method names. lrs : step sizes > 0.
+    seeds : integers >= 0. steps : optimizer updates per run.
+    out_dir : sweep folder (created); the settings are pinned in ``sweep.json``, so a later
+        call there may extend the grid (methods, lrs, seeds) but not change the settings.
+    optimizer : ``sgd`` or ``adamw``. jobs : parallel runs (``spawn`` process pool; each
+        worker uses ``max(1, cores // jobs)`` torch threads).
+    task_options : ``make_task`` overrides (``quick`` included), the same for every run.
+    hparams : method hyper-parameters; ``name`` for every method, ``method:name`` for one.
+    checkpoint_every : default ``max(1, steps // 10)``; 0 = none (an interrupted run then
+        restarts from step 0).
+
+    Returns
+    -------
+    The results table (also ``results.csv`` / ``results.json``): one dict per run recorded
+    in ``out_dir`` (this grid and any earlier one), sorted by (method, lr, seed); columns
+    :data:`~reflora_analysis.sweep.table.RESULT_COLUMNS` then ``val_*`` and ``test_*``.
+    """
+    lrs = check_list("lrs", lrs, check_lr)
+    seeds = check_list("seeds", seeds, check_seed)
+    s = prepare(task, methods, optimizer, steps, out_dir, task_options=task_options,
+                hparams=hparams, device=device, checkpoint_every=checkpoint_every, jobs=jobs,
+                progress=progress)
+    pin_settings(s)
+    return run_grid(s, [(m, lr, seed) for m in s.methods for lr in lrs for seed in seeds])
