@@ -724,3 +724,11 @@ def test_use_dora_must_be_a_boolean():
         make_task("seq-cls", quick=True, use_dora="yes")
     with pytest.raises(ValueError, match="use_dora must be true or false, got 1"):
         make_task("causal-lm", quick=True, use_dora=1)
+
+
+@needs_hf
+def test_a_lora_target_the_model_lacks_is_one_line_naming_the_task():
+    # causal-lm and lm-vader share tasks.llm.attach_lora: its error names the task
+    with pytest.raises(ValueError, match=r"^task 'causal-lm': PEFT could not place LoRA layers .*"
+                                         r"pass target_modules="):
+        make_task("causal-lm", target_modules=["nope_proj"])

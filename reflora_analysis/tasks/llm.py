@@ -48,7 +48,7 @@ import re
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..pairs import find_lora_pairs
@@ -192,7 +192,6 @@ def _data(opts: TaskOptions, seed_for_synthetic: int):
 def _peft_model(opts: TaskOptions, model_path: str | None, dtype: torch.dtype, seed: int, targets):
     """``(PEFT model, tokenizer, architecture phrase)``: the base model (tiny random LLaMA or
     ``model_path``), frozen, with LoRA (or DoRA) on ``targets``; built under ``seed``."""
-    from peft import LoraConfig, get_peft_model
     with seeded(seed):
         if model_path is None:
             tokenizer = ByteTokenizer()
@@ -202,18 +201,26 @@ def _peft_model(opts: TaskOptions, model_path: str | None, dtype: torch.dtype, s
         else:
             base, tokenizer, info = _load_pretrained(model_path, opts)
             arch = f"{info['name']} ({info['source']}, {info['parameters']:,} parameters)"
-        for p in base.parameters():
-            p.requires_grad_(False)
-        config = LoraConfig(r=opts.positive_int("lora_r"), lora_alpha=opts.positive_float("lora_alpha"),
-                            lora_dropout=0.0, bias="none", init_lora_weights=opts["init_lora_weights"],
-                            target_modules=targets, use_dora=opts.boolean("use_dora"))
-        try:
-            with quiet_transformers():
-                model = get_peft_model(base, config)
-        except ValueError as exc:
-            raise ValueError(f"task 'causal-lm': PEFT could not place LoRA layers ({exc}); "
-                             "pass target_modules= naming the model's linear layers") from None
+        model = attach_lora(base, opts, targets)
     return model, tokenizer, arch
+
+
+def attach_lora(base: nn.Module, opts: TaskOptions, targets) -> nn.Module:
+    """``base`` frozen, with PEFT LoRA (or DoRA: ``use_dora``) of rank ``lora_r``, no dropout,
+    on ``targets``; a target PEFT cannot place is one ``ValueError`` naming the task. Called
+    under the task's seed (PEFT draws ``lora_A`` at random). Shared by every causal-LM task."""
+    from peft import LoraConfig, get_peft_model
+    for p in base.parameters():
+        p.requires_grad_(False)
+    config = LoraConfig(r=opts.positive_int("lora_r"), lora_alpha=opts.positive_float("lora_alpha"),
+                        lora_dropout=0.0, bias="none", init_lora_weights=opts["init_lora_weights"],
+                        target_modules=targets, use_dora=opts.boolean("use_dora"))
+    try:
+        with quiet_transformers():
+            return get_peft_model(base, config)
+    except ValueError as exc:
+        raise ValueError(f"task {opts.task!r}: PEFT could not place LoRA layers ({exc}); "
+                         "pass target_modules= naming the model's linear layers") from None
 
 
 def _batches(train: list[CommonsenseExample], tokenizer, *, max_length: int, batch_size: int,

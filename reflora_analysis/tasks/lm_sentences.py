@@ -48,7 +48,8 @@ from .base import TaskOptions, resolve_device, resolve_target_modules
 from .gguf_model import KNOWN_MODELS, LLAMA_LORA_TARGETS, load_causal_lm
 from .instruct import answer_loss, answer_scores, build_instruction_example, chat_prompt, collate_examples, \
     padding_token_id
-from .nlu import epoch_batch_indices, quiet_transformers, seeded
+from .llm import attach_lora
+from .nlu import epoch_batch_indices, seeded
 from .sentence_data import SPLITS, TaskData, check_split_options, data_source, label_rule, task_data
 from .sentence_tasks import SentenceTask, binary_metrics, validation_then_test
 
@@ -89,21 +90,10 @@ def _causal_lm_with_lora(model_spec, opts: TaskOptions, seed: int):
     ``opts``' dtype with eager attention, every weight frozen, then PEFT LoRA (no dropout) on
     ``target_modules`` (default :data:`LLAMA_LORA_TARGETS`), initialised under ``seed``."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from peft import LoraConfig, get_peft_model
     targets = resolve_target_modules(opts["target_modules"], LLAMA_LORA_TARGETS)
     base, tokenizer, info = load_causal_lm(model_spec, dtype=opts.dtype(), attn_implementation="eager")
     with seeded(seed):
-        for p in base.parameters():
-            p.requires_grad_(False)
-        config = LoraConfig(r=opts.positive_int("lora_r"), lora_alpha=opts.positive_float("lora_alpha"),
-                            lora_dropout=0.0, bias="none", init_lora_weights=opts["init_lora_weights"],
-                            target_modules=targets, use_dora=opts.boolean("use_dora"))
-        try:
-            with quiet_transformers():
-                model = get_peft_model(base, config)
-        except ValueError as exc:
-            raise ValueError(f"task {opts.task!r}: PEFT could not place LoRA layers ({exc}); "
-                             "pass target_modules= naming the model's linear layers") from None
+        model = attach_lora(base, opts, targets)
     return model, tokenizer, info, targets
 
 

@@ -146,9 +146,6 @@ def _encode(tokenizer, texts: list[str], max_length: int) -> tuple[Tensor, Tenso
     return _ENCODED[key]
 
 
-_minilm_classifier = load_minilm_classifier  # one loader for nlu-minilm and the sentences
-
-
 def _select_rows(ids: Tensor, mask: Tensor, targets: Tensor, index, device) -> dict[str, Tensor]:
     """Rows ``index`` of an encoded split on ``device``, cut to the longest row's width (the
     columns that are padding in every selected row dropped)."""
@@ -189,7 +186,7 @@ def make_sentence_task(name: str, corpus: str, regression: bool, *, seed: int = 
     model_path = opts.checkpoint_dir("model_path") or minilm_path()
     data = task_data(corpus, regression, opts)
     dev = resolve_device(device)
-    tokenizer, model = _minilm_classifier(model_path, 1 if regression else 2, opts, seed)
+    tokenizer, model = load_minilm_classifier(model_path, 1 if regression else 2, opts, seed)
     model.to(dev)
     pairs = find_lora_pairs(model)
     tokenizer = ensure_pad_token(tokenizer)
