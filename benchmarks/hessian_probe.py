@@ -1,9 +1,12 @@
-"""Benchmark 3 (issue 6): HVPs and seconds to the top Hessian eigenvalue within 1e-3 true error.
+"""Benchmark 3 (issues 6, 15): HVPs and seconds to the top Hessian eigenvalue within 1e-3 true error.
 
-Our Lanczos (full reorthogonalisation, residual stop at tol = 1e-3) against PyHessian 0.1's
-power iteration run at the loosest tolerance (a decade grid 1e-3 .. 1e-9) at which *every*
-seed reaches 1e-3 true relative error -- PyHessian's ``tol`` bounds the step-to-step change,
-not the error (``../shared/PROBES.md``).
+Our path (``top_hessian_eigenvalue``: scipy ``eigsh``, ARPACK's implicitly restarted Lanczos, on
+the HVP ``LinearOperator``; residual stop at tol = 1e-3, residual recomputed from the recorded
+products) against PyHessian 0.1's power iteration run at the loosest tolerance (a decade grid
+1e-3 .. 1e-9) at which *every* seed reaches 1e-3 true relative error -- PyHessian's ``tol``
+bounds the step-to-step change, not the error (``../shared/PROBES.md``). "At equal true
+error" (issue 15): both at their loosest tolerance reaching 1e-3 on every seed (the last
+column and the headline's second ratio).
 
 Quadratic family: ``l(x) = 1/2 x^T H x``, ``H = Q diag(lambda) Q^T`` with Haar ``Q``,
 d = 1000, float64, HVPs by double backward like any model. Spectra:
@@ -14,11 +17,11 @@ d = 1000, float64, HVPs by double backward like any model. Spectra:
     outliers+MP      10, 7, 5, 4, 3 plus a Marchenko-Pastur bulk (ratio 0.5, eigenvalues of X^T X / 2000)
     indefinite       lambda_1 = 1, lambda_d = -0.9, the rest uniform in [-0.9, 0.9]
 
-Our Lanczos runs at ``tol = 1e-3`` on its residual bound, which *guarantees* the 1e-3
-(the true error is then ~1e-6); the last column shows, for information, the loosest Lanczos
-``tol`` that also happens to reach 1e-3 on every seed. Timing: ``Lanczos ms`` recomputes the
+Our eigsh runs at ``tol = 1e-3`` on its residual bound, which *guarantees* the 1e-3
+(the true error is then ~1e-6); the last column shows the loosest eigsh ``tol`` that also
+reaches 1e-3 on every seed (the equal-true-error comparison). Timing: ``Lanczos ms`` recomputes the
 forward per HVP (the probe default, least memory); ``graph kept`` reuses one gradient graph like
-PyHessian. Medians over seeds (20; ``--quick``: 5). Then MiniLM's LoRA parameters (task ``nlu-minilm``,
+PyHessian. Medians over seeds (20; ``--quick``: 5). (Columns named "Lanczos" are our eigsh path.) Then MiniLM's LoRA parameters (task ``nlu-minilm``,
 one batch, at its PEFT initialisation) when the task registry has it, with the reference
 eigenvalue from Lanczos at tol 1e-10 (skipped in ``--quick`` unless ``--minilm``).
 
@@ -205,9 +208,10 @@ def main(argv=None):
             r = compare([(task.model, closure, ref)] * n, log)
             print(row("MiniLM LoRA (nlu-minilm quick batch, PEFT init)", n, r))
     print(f"headline: PyHessian (at its loosest sufficient tol) needs {float(np.median(gapped)):.1f}x "
-          f"the HVPs of our Lanczos at its guaranteed tol=1e-3 ({gapped[0]:.1f}x on gap 0.9, "
-          f"{gapped[1]:.1f}x on gap 0.99), {float(np.median(tuned)):.1f}x when both run at their "
-          f"loosest sufficient tol, to reach 1e-3 true relative error on the gapped spectra")
+          f"the HVPs of our eigsh at its guaranteed tol=1e-3 ({gapped[0]:.1f}x on gap 0.9, "
+          f"{gapped[1]:.1f}x on gap 0.99); at equal true error (both at their loosest tol "
+          f"reaching 1e-3 on every seed) {tuned[0]:.1f}x on gap 0.9, {tuned[1]:.1f}x on gap 0.99 "
+          f"(issue 15 target: >= 3x on gap 0.9)")
 
 
 if __name__ == "__main__":

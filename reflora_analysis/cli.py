@@ -12,6 +12,8 @@ Examples
     reflora-analysis train --task seq-cls --set use_dora=true --method reflora --steps 50 --out dora.jsonl
     reflora-analysis train --task causal-lm --model /path/to/llama \\
         --data /path/to/commonsense_170k.json --method reflora --device cuda --bf16 --out llm.jsonl
+    torchrun --standalone --nproc_per_node 8 -m reflora_analysis.cli train --fsdp \\
+        --task causal-lm --model /path/to/llama-70b ... --device cuda --out llm.jsonl
     reflora-analysis probe --task mf --probe balance,bound --checkpoint run.ckpt.pt --json
     reflora-analysis --version
     reflora-analysis figures --help
@@ -168,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "refused")
     t.add_argument("--skip-nonfinite", action="store_true", help="skip NaN/Inf steps instead of stopping")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast for forward passes")
+    t.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen base "
+                   "model across the ranks (FSDP2), LoRA factors whole on every rank")
     t.add_argument("--hparam", dest="hparams", action="append", type=_parse_setting, default=[],
                    metavar="KEY=VALUE", help="method hyper-parameter, repeatable (e.g. --hparam "
                    "damping=1e-6, --hparam skip=none); values as for --set")
@@ -236,7 +240,7 @@ def _cmd_train(args) -> int:
     # every option checked once, before torch.distributed starts or a model is built;
     # train.fit then refuses an earlier run's files before it builds anything
     config = RunConfig.from_cli(args, device=_rank_device(args.device))
-    ctx = init_from_env()
+    ctx = init_from_env(fsdp=args.fsdp)
     records = train.fit(config)
     if ctx.rank == 0 and records:
         last = records[-1]

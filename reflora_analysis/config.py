@@ -16,6 +16,10 @@ method              a name of :func:`reflora_analysis.methods.available_methods`
 optimizer           a base optimizer name, ``sgd`` or ``adamw`` (stripped, lower case)
 lr                  a finite number > 0, or ``None``: the task's ``default_lr[optimizer]``,
                     filled in by :meth:`RunConfig.resolve` once the task is built
+task_options        ``make_task`` overrides (a task given by name only), plus the options the
+                    method sets (``methods.METHODS[method].task_options``: ``dora`` ->
+                    ``use_dora=True``, ``full`` -> ``full_finetune=True``); a given option
+                    that contradicts them is refused
 hparams             names from the method's registry entry
                     (``methods.METHODS[method].hparams``), the base optimizer's keywords
                     (``methods.base.BASE_OPTIMIZER_KWARGS``) and ``weight_decay``; values are
@@ -239,6 +243,28 @@ def check_task(task, options: Mapping | None = None) -> tuple[Any, FrozenDict]:
     return task, FrozenDict(options)
 
 
+def _with_method_options(task, method: str, options: FrozenDict) -> FrozenDict:
+    """``options`` plus the task options ``method`` sets (``MethodSpec.task_options``: ``dora``
+    -> ``use_dora=True``, ``full`` -> ``full_finetune=True``) when the task is built by name.
+
+    A contradiction is a :class:`ConfigError` (``--set use_dora=false: contradicts --method
+    dora, which sets use_dora=true`` on the command line). A built ``Task`` keeps its model:
+    ``build_optimizer`` then refuses one that lacks what the method trains.
+    """
+    from .methods.registry import get_method, method_task_options
+    if not isinstance(task, str):
+        return options
+    try:
+        return FrozenDict(method_task_options(method, options))
+    except ValueError as exc:
+        key = next(k for k in get_method(method).task_options if k in options)
+        given, own = (json.dumps(v) if isinstance(v, bool) else v  # as --set spells them
+                      for v in (options[key], get_method(method).task_options[key]))
+        raise ConfigError("task_options", str(exc), value={key: options[key]},
+                          cli=f"--set {key}={given}: contradicts --method {method}, which sets "
+                              f"{key}={own}") from None
+
+
 def _check_files(out, checkpoint_every: int, resume: bool, overwrite: bool) -> Path | None:
     if (checkpoint_every or resume) and out is None:
         raise ConfigError("out", "checkpoint_every/resume need out= (the checkpoint lives next "
@@ -328,6 +354,7 @@ class RunConfig:
         task, options = check_task(self.task, self.task_options)
         method, optimizer, lr, hparams = _check_method_part(self.method, self.optimizer, self.lr,
                                                             self.hparams)
+        options = _with_method_options(task, method, options)
         counts = {"steps": check_count("steps", self.steps, minimum=1),
                   "seed": check_count("seed", self.seed),
                   "probe_every": check_count("probe_every", self.probe_every),

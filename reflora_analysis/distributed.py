@@ -47,19 +47,54 @@ checkpoints; a resume loads the same checkpoint on every rank. Hugging Face ``Tr
 users launch with ``accelerate launch`` or ``torchrun`` as usual; the Trainer wraps the model
 in DDP, so the refactoring hook again sees reduced gradients.
 
-FSDP (not implemented)
-----------------------
-Under FSDP each rank holds a shard of every flattened parameter, so ``A`` and ``B`` are
-split across ranks. RefLoRA only needs the ``r x r`` Grams ``A^T A``, ``B^T B`` and the
-``r x r`` products ``A^T grad_A``-type terms (THEORY.md F3/F4): each rank would compute the
-partial Grams of its rows, ``all_reduce`` them (``O(r^2)`` per layer, negligible next to the
-gradient reduce-scatter), factor the ``r x r`` systems locally (identical on every rank)
-and apply ``S`` to its own rows. This needs the LoRA factors sharded by rows (``A`` by ``m``,
-``B`` by ``n``), which FSDP's flat-parameter sharding does not guarantee; a correct
-implementation would keep LoRA parameters in their own FSDP unit with
-``use_orig_params=True`` and reduce the Grams with a process group per unit. Until then,
-LoRA factors are small enough to replicate: use DDP, or FSDP with the LoRA parameters
-excluded from sharding (``ignored_states``).
+Sharded frozen base (FSDP2, ``--fsdp``)
+---------------------------------------
+When the frozen base does not fit one device, ``reflora-analysis train ... --fsdp`` under
+``torchrun`` (:func:`init_from_env` with ``fsdp=True``) shards it with FSDP2
+(``torch.distributed.fsdp.fully_shard``, :func:`shard_frozen_base`): one FSDP unit per
+transformer block (the classes a Hugging Face model lists in ``_no_split_modules``, else the
+elements of its outermost ``nn.ModuleList``s) and one for the remaining frozen weights
+(embeddings, final norm, LM head), each rank storing ``1/k`` of every frozen weight and
+all-gathering a block's weights only while that block runs (forward, and again in backward,
+where the frozen weights are needed for the gradient with respect to the activations). Every
+parameter with ``requires_grad`` (the LoRA factors, DoRA magnitudes) is passed as FSDP's
+``ignored_params``: it stays a whole, plain tensor on every rank, and its gradient is averaged
+by :meth:`DistributedContext.average_gradients` before ``optimizer.step()`` exactly as above.
+So the refactorer runs unchanged on whole ``A``, ``B``, ``grad_A``, ``grad_B`` (THEORY.md
+F3/F4). Because a sharded block's forward is a collective, every rank runs every forward pass:
+``task.evaluate()`` runs on all ranks (rank 0 alone writes), and probes are refused under
+``--fsdp`` (they run on rank 0 alone). Tested with 2 gloo processes on CPU against one
+process on the combined batch (``tests/test_distributed.py``).
+
+Memory per GPU, 8 GPUs, LoRA r = 16 on q, k, v, o, gate, up, down (fp32 LoRA factors, as
+PEFT keeps adapters over a bf16 base), AdamW:
+
+=========================================  ===============  ================
+                                           LLaMA-7B         LLaMA-2-70B
+=========================================  ===============  ================
+bf16 base weights, whole (what DDP holds)  13.5 GB          138 GB
+bf16 base weights sharded, ``/8``          1.68 GB          17.2 GB
+one gathered block (x2 with prefetch)      0.40 GB (0.81)   1.71 GB (3.42)
+gathered root unit (embeddings + head)     0.52 GB          1.05 GB
+LoRA factors (40.0 M / 207 M parameters)   0.16 GB          0.83 GB
++ their gradients + AdamW's two moments    0.64 GB in all   3.31 GB in all
+=========================================  ===============  ================
+
+So the weights, gradients and optimizer state take about 3.7 GB per rank for 7B (against
+14.1 GB unsharded) and about 25 GB for 70B (against 141 GB, which fits no single GPU).
+The frozen base has no gradient and no optimizer state; the only optimizer state is
+AdamW's two moments of the LoRA factors (RefLoRA adds ``r x r`` matrices per layer and
+temporaries no larger than the factors). Activations are not sharded: they scale with each
+rank's share of the batch, ``b = batch / 8`` sequences of ``s`` tokens; the usual 16-bit
+estimate of ``34 s b h + 5 a s^2 b`` bytes per layer (Korthikanti et al., 2022; eager
+attention) gives about 3.6 GB (7B) and 18 GB (70B) per 512-token sequence, which
+activation checkpointing cuts to about one layer's worth plus the block inputs.
+
+Sharding the LoRA factors themselves would pay off only for much larger ranks: RefLoRA
+needs only the ``r x r`` Grams ``A^T A``, ``B^T B`` and ``A^T grad_A``-type products, and
+for row-sharded factors each is the sum of the ranks' local Grams (one ``O(r^2)``
+all-reduce per layer), after which every rank factors the same ``r x r`` systems and
+applies ``S`` to its own rows.
 """
 
 from __future__ import annotations
@@ -72,7 +107,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistributedContext", "init_from_env", "wrap_ddp", "shard_batch", "is_main_process"]
+__all__ = ["DistributedContext", "init_from_env", "wrap_ddp", "shard_batch", "is_main_process",
+           "shard_frozen_base", "prepare_fsdp"]
+
+#: whether this process's training shards the frozen base (set by ``init_from_env(fsdp=True)``);
+#: a property of the launch, like the process group itself, not of a run's identity (an FSDP
+#: run's checkpoint holds the same whole LoRA factors as a data-parallel run's)
+_LAUNCH = {"fsdp": False}
 
 
 def shard_batch(batch: Any, rank: int, world_size: int) -> Any:
@@ -104,16 +145,19 @@ class DistributedContext:
     """Rank and world size of this process, and the few collectives the loop needs.
 
     ``DistributedContext.current()`` is the single-process context ``(0, 1)`` unless
-    ``torch.distributed`` has been initialised (e.g. by :func:`init_from_env`).
+    ``torch.distributed`` has been initialised (e.g. by :func:`init_from_env`). ``fsdp``:
+    the frozen base is sharded across the ranks (:func:`shard_frozen_base`), so every rank
+    must run every forward pass.
     """
 
     rank: int = 0
     world_size: int = 1
+    fsdp: bool = False
 
     @classmethod
     def current(cls) -> "DistributedContext":
         if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size())
+            return cls(dist.get_rank(), dist.get_world_size(), fsdp=_LAUNCH["fsdp"])
         return cls()
 
     @property
@@ -165,14 +209,19 @@ class DistributedContext:
                 offset += n
 
 
-def init_from_env(backend: str | None = None) -> DistributedContext:
+def init_from_env(backend: str | None = None, *, fsdp: bool = False) -> DistributedContext:
     """Initialise ``torch.distributed`` from ``torchrun``'s environment variables.
 
     ``backend`` defaults to ``nccl`` when CUDA is available, else ``gloo``. Returns the
     single-process context when ``WORLD_SIZE`` is unset or 1. On CUDA, selects
-    ``cuda:LOCAL_RANK`` as the current device.
+    ``cuda:LOCAL_RANK`` as the current device. ``fsdp``: training in this process shards the
+    frozen base (:func:`prepare_fsdp`); needs ``WORLD_SIZE >= 2`` (``ValueError`` otherwise).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if fsdp and world_size <= 1:
+        raise ValueError("--fsdp shards the frozen base across torchrun processes, but WORLD_SIZE "
+                         "is 1; launch with torchrun --nproc_per_node N (N >= 2) or drop --fsdp")
+    _LAUNCH["fsdp"] = bool(fsdp)
     if world_size <= 1:
         return DistributedContext()
     if not dist.is_initialized():
@@ -204,3 +253,76 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.Module:
     if device.type == "cuda":
         ddp_kwargs.setdefault("device_ids", [device.index])
     return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+
+
+# ---- FSDP2: the frozen base sharded, the LoRA factors whole -------------------------------
+
+def _base_root(model: nn.Module) -> nn.Module:
+    """The outermost submodule whose *class* lists ``_no_split_modules`` (a Hugging Face
+    ``PreTrainedModel``: the module whose forward every path calls, ``generate`` included),
+    else ``model``. The class is asked, not the instance: ``PeftModel`` forwards unknown
+    attributes to the model it wraps, but its own forward is skipped by ``generate``."""
+    for module in model.modules():
+        if getattr(type(module), "_no_split_modules", None):
+            return module
+    return model
+
+
+def _transformer_blocks(root: nn.Module) -> list[nn.Module]:
+    """The units to shard one by one, outermost first: modules of the classes in
+    ``_no_split_modules`` (e.g. ``LlamaDecoderLayer``), else the elements of the outermost
+    ``nn.ModuleList``s (the layers of a plain-torch stack)."""
+    names = set(getattr(type(root), "_no_split_modules", None) or ())
+    if names:
+        return [m for m in root.modules() if type(m).__name__ in names]
+    blocks, inside = [], set()
+    for module in root.modules():
+        if isinstance(module, nn.ModuleList) and id(module) not in inside:
+            blocks.extend(module)
+            inside.update(id(m) for m in module.modules())
+    return blocks
+
+
+def _has_frozen(module: nn.Module) -> bool:
+    return any(not p.requires_grad for p in module.parameters())
+
+
+def shard_frozen_base(model: nn.Module, mesh=None) -> list[nn.Module]:
+    """Shard ``model``'s frozen parameters with FSDP2; trainable ones stay whole on every rank.
+
+    ``fully_shard`` is applied to each transformer block holding frozen weights (innermost
+    first, as FSDP2 requires), then to the base root (:func:`_base_root`: the remaining
+    frozen weights), all with ``ignored_params`` = every parameter with ``requires_grad``,
+    so the LoRA factors are neither sharded nor reduced by FSDP (the training loop averages
+    their gradients: :meth:`DistributedContext.average_gradients`). ``mesh``: a 1-D
+    ``DeviceMesh`` over all ranks on the parameters' device type by default. Returns the
+    sharded modules, root last. ``ValueError`` when ``torch.distributed`` is not initialised
+    or the model has no frozen parameter (nothing to shard: use plain data parallelism).
+    """
+    if not _has_frozen(model):
+        raise ValueError("--fsdp shards the frozen base model, but this model has no frozen "
+                         "parameters; run without --fsdp (plain data parallelism)")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("shard_frozen_base needs torch.distributed to be initialised (run under "
+                         "torchrun and call init_from_env(fsdp=True) first)")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    if mesh is None:
+        device_type = next(model.parameters()).device.type
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    trainable = {p for p in model.parameters() if p.requires_grad}
+    root = _base_root(model)
+    units = [b for b in _transformer_blocks(root) if b is not root and _has_frozen(b)]
+    for block in reversed(units):  # innermost first: a nested unit must exist before its parent
+        fully_shard(block, mesh=mesh, ignored_params=trainable)
+    fully_shard(root, mesh=mesh, ignored_params=trainable)
+    return [*units, root]
+
+
+def prepare_fsdp(task, probes=()) -> list[nn.Module]:
+    """What ``train.build_run`` does under ``--fsdp``: refuse probes (rank 0 runs them alone,
+    but a sharded forward needs every rank), then :func:`shard_frozen_base` on ``task.model``."""
+    if probes:
+        raise ValueError("probes run on rank 0 alone and cannot run on a base model sharded with "
+                         "--fsdp; drop --probe, or probe a checkpoint without --fsdp")
+    return shard_frozen_base(task.model)

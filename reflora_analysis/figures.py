@@ -28,12 +28,13 @@ Each notebook runs in its own Jupyter kernel (``kernel_name="python3"``, the int
 the caller's environment), with ``MPLBACKEND=Agg`` and the torch/OpenMP thread count set
 through the environment (``--threads``; default: all cores).
 
-Timing on a 2-core CPU: ``--quick`` for all six notebooks, one at a time, took 288 s
+Timing on a 2-core CPU: ``--quick`` for the first six notebooks, one at a time, took 288 s
 (about 5 minutes, kernel start-ups included) on an idle machine, and up to 3x longer while
-other processes load the cores; the full mode (the notebooks' defaults) about 30 minutes,
-dominated by ``05`` (MiniLM, 8 methods x 3 seeds x 300 steps). The per-notebook values of
-:data:`EXPECTED_MINUTES` come from an earlier measurement; their quick sum (about 3
-minutes) is below that end-to-end time, so read them as relative costs.
+other processes load the cores; ``05`` and ``07`` have since become the encoder and
+causal-LM studies (their quick modes: pipeline demonstrations, see :data:`EXPECTED_MINUTES`).
+The full mode is dominated by ``05`` (4 tasks x 2 methods x 5 lrs x 3 seeds + 2 test seeds x
+60 steps of MiniLM: hours on 2 CPU cores) and ``07`` (SmolLM2-135M: a GPU job). The
+per-notebook values of :data:`EXPECTED_MINUTES` are relative costs, not guarantees.
 """
 
 from __future__ import annotations
@@ -70,15 +71,18 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 #: wall-clock minutes per notebook on the 2-core CPU this was developed on (Intel Xeon,
 #: torch 2.13 CPU), measured 2026-11-28: quick one notebook at a time on an idle machine,
-#: full with other load; ``05`` full is estimated from its measured step times. GPU: not
-#: yet measured.
+#: full with other load. ``05`` and ``07`` (2026-12-02): quick estimated from the CPU time
+#: of a run on a heavily loaded machine (wall time there was several times longer); ``05``
+#: full from the committed vader-movies study (77 min per task); ``07`` full is a GPU job
+#: (None: not measured). GPU: not yet measured.
 EXPECTED_MINUTES: dict[str, dict[str, float | None]] = {
     "01_matrix_factorization": {"quick": 0.3, "full_cpu": 0.75, "full_gpu": None},
     "02_upper_bounds": {"quick": 0.2, "full_cpu": 0.35, "full_gpu": None},
     "03_consistency_balance": {"quick": 0.4, "full_cpu": 4.5, "full_gpu": None},
     "04_sharpness_landscape": {"quick": 0.55, "full_cpu": 4.0, "full_gpu": None},
-    "05_real_model_convergence": {"quick": 0.6, "full_cpu": 15.0, "full_gpu": None},
+    "05_real_model_convergence": {"quick": 1.5, "full_cpu": 300.0, "full_gpu": None},
     "06_overhead": {"quick": 0.9, "full_cpu": 3.0, "full_gpu": None},
+    "07_causal_lm_study": {"quick": 2.5, "full_cpu": None, "full_gpu": None},
 }
 
 #: wall-clock minutes of ``reflora-analysis figures --quick`` (all six notebooks, one at a
@@ -502,7 +506,7 @@ def _build_parser() -> argparse.ArgumentParser:
                "parameter goes to each selected notebook that declares it; one that no "
                "selected notebook declares is refused.")
     parser.add_argument("--quick", action="store_true",
-                        help="small settings: all six notebooks in about "
+                        help="small settings: all seven notebooks in about "
                              f"{QUICK_MINUTES_2_CORES} minutes on 2 CPU cores")
     parser.add_argument("--only", action="append", metavar="NAME", default=None,
                         help="run only this notebook (stem, number or title; repeatable)")

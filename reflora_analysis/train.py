@@ -36,7 +36,8 @@ Under ``torchrun`` (``torch.distributed`` initialised) each rank computes the lo
 shard of ``task.batch(t)`` (dim 0), gradients are averaged across ranks before the optimizer
 step (so the method's transform sees identical reduced gradients everywhere), the logged
 loss is the cross-rank mean, and rank 0 alone runs probes/evaluation and writes files; see
-:mod:`reflora_analysis.distributed`.
+:mod:`reflora_analysis.distributed` (under ``--fsdp`` the frozen base is sharded, so every
+rank evaluates and probes are refused).
 
 Determinism: bit-identical on CPU for a fixed seed (and across a kill/resume). On CUDA,
 kernels such as atomics-based reductions are not bit-reproducible unless the user enables
@@ -145,9 +146,10 @@ class Run:
         return bool(self.probes) and self.is_main and step % self.config.probe_every == 0
 
     def eval_due(self, step: int) -> bool:
-        """``task.evaluate()`` runs at ``step``: first, last, every ``eval_every``; rank 0."""
+        """``task.evaluate()`` runs at ``step``: first, last, every ``eval_every``; rank 0
+        (all ranks under FSDP: a sharded forward is a collective)."""
         c = self.config
-        return self.is_main and (step in (0, c.steps) or bool(c.eval_every and step % c.eval_every == 0))
+        return (self.is_main or self.dist.fsdp) and (step in (0, c.steps) or bool(c.eval_every and step % c.eval_every == 0))
 
     def log_due(self, step: int) -> bool:
         """Line ``step`` is logged (a non-finite step is logged too): every ``log_every``
@@ -204,10 +206,14 @@ def _pairs_argument(task) -> dict:
 
     A PEFT model is passed alone (``build_optimizer`` may then use PEFT's own optimizer
     helpers); a plain ``nn.Module`` (``mf``: parameters ``A``, ``B``) needs its pairs named.
+    A task without pairs (``full_finetune``: no LoRA layers) is passed alone too: method
+    ``full`` trains its weights, any other method refuses it with ``NoLoraLayersError``.
     """
     from .pairs import NoLoraLayersError, find_lora_pairs
     pairs = getattr(task, "pairs", None)
-    if pairs and "peft" not in sys.modules:
+    if not pairs:
+        return {}
+    if "peft" not in sys.modules:
         # no PEFT model can exist before peft is imported; skipping the discovery also
         # spares plain-torch runs peft's ~3 s import
         return {"pairs": pairs}
@@ -215,8 +221,6 @@ def _pairs_argument(task) -> dict:
         find_lora_pairs(task.model)
         return {}
     except NoLoraLayersError:
-        if not pairs:
-            raise
         return {"pairs": pairs}
 
 
@@ -256,6 +260,9 @@ def build_run(config: RunConfig, task=None) -> Run:
             probe.check(task)
     if config.dtype is not None:
         task.model.to(dtype=config.dtype)
+    if dist.fsdp:  # frozen base sharded across ranks, LoRA factors whole (distributed.py)
+        from .distributed import prepare_fsdp
+        prepare_fsdp(task, probes)
     config = config.resolve(task, world_size=dist.world_size)
     optimizer, transform = build_optimizer(config.method, task.model, optimizer=config.optimizer,
                                            lr=config.lr, **_pairs_argument(task), **config.hparams)
@@ -418,7 +425,7 @@ def probe_values(run: Run, step: int, *, progress: bool = False) -> dict:
 
 def evaluate(run: Run, step: int) -> dict:
     """``task.evaluate()`` as ``{"eval/<metric>": value}`` at the first and last step and every
-    ``eval_every``; ``{}`` otherwise and on ranks other than 0."""
+    ``eval_every``; ``{}`` otherwise and on ranks other than 0 (unless under FSDP)."""
     if not run.eval_due(step):
         return {}
     with _modes_kept(run.model), torch.no_grad():

@@ -257,8 +257,8 @@ def test_optimizer_config_applies_the_same_rules():
     config = OptimizerConfig(" LoRA-RITE", "AdamW", 1e-3, {"skip": None, "betas": (0.9, 0.99)})
     assert (config.method, config.optimizer, config.lr) == ("lora-rite", "adamw", 1e-3)
     assert OptimizerConfig("reflora").lr is None
-    with pytest.raises(ConfigError, match="unknown method 'dora'; valid: lora"):
-        OptimizerConfig("dora")
+    with pytest.raises(ConfigError, match="unknown method 'qlora'; valid: lora"):
+        OptimizerConfig("qlora")
     with pytest.raises(ConfigError, match="lr must be a finite number > 0"):
         OptimizerConfig("lora", "sgd", 0.0)
     with pytest.raises(ConfigError, match="unknown hyper-parameter"):

@@ -18,7 +18,8 @@ import torch
 
 from reflora_analysis import experiments as ex
 from reflora_analysis.experiments import common, timing
-from reflora_analysis.experiments import bounds, consistency, convergence, mf, overhead, sharpness
+from reflora_analysis.experiments import (bounds, causal_lm, consistency, convergence, mf, overhead,
+                                         sharpness)
 from reflora_analysis.experiments.notebook import Preset, Rule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,17 +177,30 @@ def test_rules_only_shrink_or_fill():
     (bounds, {"steps": 3, "seeds": [5]}, {"steps": 3, "seed": 5}),  # explicit small values kept
     (consistency, {}, {"seeds": [0, 1], "real_steps": 3, "n_reparam": 4,
                        "real_refactor_warmup": 1, "balance_seeds": [0], "real_seeds": [0],
-                       "real_task_options": {"eval_examples": 64}}),
+                       "spread_steps": 20, "spread_reparam": 2,
+                       "real_methods": ["lora", "reflora", "balance", "balora"],
+                       "real_task_options": {"eval_examples": 16, "evaluate_test": False}}),
     (consistency, {"real_task": "seq-cls"}, {"real_task_options": {}}),
-    (sharpness, {}, {"steps": 100, "probe_every": 20, "real_steps": 3, "real_probe_every": 3,
-                     "trace_samples": 6, "real_trace_samples": 3, "real_tol": 0.01,
-                     "n_points": 21, "n_grid": 11, "real_task_options": {"eval_examples": 64}}),
+    (sharpness, {}, {"steps": 100, "probe_every": 20, "real_steps": 4, "real_probe_every": 4,
+                     "trace_samples": 10, "real_trace_samples": 5, "real_tol": 0.01,
+                     "real_max_iter": 6, "n_points": 31, "n_grid": 31, "real_n_points": 7,
+                     "real_n_grid": 9, "real_layer_stride": 12, "real_layer_max_iter": 4,
+                     "real_task_options": {
+                         "batch_size": 4, "max_length": 32, "train_examples": 64,
+                         "eval_examples": 16, "evaluate_test": False}}),
     (sharpness, {"probe_every": 2}, {"probe_every": 10}),
-    (convergence, {}, {"steps": 30, "refactor_warmup": 5, "eval_examples": 64,
-                       "task_overrides": {"model_path": None, "data_path": None,
-                                          "eval_examples": 64}}),
-    (convergence, {"eval_examples": 16}, {"eval_examples": 16}),
-    (overhead, {}, {"steps": 20, "warmup": 3, "repeats": 2, "seed": 0}),
+    (convergence, {}, {"tasks": convergence.VADER_TASKS, "methods": ["lora", "reflora"],
+                       "lrs": [1e-3, 3e-3], "seeds": [0, 1], "test_seeds": [0, 1], "steps": 4,
+                       "demonstration": True, "hparams": {"reflora:warmup_steps": 1},
+                       "task_options": {"quick": True, "batch_size": 8, "max_length": 16,
+                                        "eval_examples": 16, "evaluate_test": False}}),
+    (convergence, {"eval_examples": 8, "methods": ["dora", "balance", "lora"]},
+     {"eval_examples": 8, "methods": ["dora", "balance"], "hparams": {"balance:warmup_steps": 1}}),
+    (causal_lm, {}, {"task": "lm-vader-movies", "methods": ["lora", "reflora"], "lrs": [1e-3],
+                     "seeds": [0, 1], "test_seeds": [0, 1], "steps": 2, "demonstration": True,
+                     "task_options": {"quick": True, "batch_size": 1, "max_length": 32,
+                                      "eval_examples": 2, "evaluate_test": False}}),
+    (overhead, {}, {"steps": 20, "warmup": 3, "repeats": 2, "seed": 0, "task": "vader-movies"}),
 ])
 def test_quick_presets(module, given, used):
     params = module.SPEC.parameters_from(**given, quick=True)
@@ -202,6 +216,8 @@ def test_full_mode_uses_the_parameters_as_given():
     parameters, derived, changes = sharpness.SPEC.resolve(params)
     assert parameters == params and changes == {}
     assert derived == {"seed": 0, "real_trace_samples": 15, "real_tol": 0.01,
+                       "real_max_iter": None, "real_n_points": 21, "real_n_grid": 15,
+                       "real_layer_stride": 1, "real_layer_max_iter": 20,
                        "real_task_options": {}}
 
 
@@ -214,9 +230,14 @@ def test_setup_records_the_arguments_used_not_the_literals(tmp_path):
     assert params["notebook"] == "02_upper_bounds"
     assert params["parameters"]["steps"] == 40 and params["parameters"]["n_etas"] == 40
     assert "out_dir" not in params["parameters"]
-    assert params["derived"] == {"seed": 0}
+    small_real = {"train_examples": 64, "eval_examples": 16, "evaluate_test": False}
+    assert params["derived"] == {"seed": 0, "real_task_options": small_real}
     assert params["quick_preset"] == {"steps": {"given": 100, "used": 40},
-                                      "n_etas": {"given": 80, "used": 40}}
+                                      "n_etas": {"given": 80, "used": 40},
+                                      "real_steps": {"given": 10, "used": 3},
+                                      "real_refactor_warmup": {"given": 3, "used": 1},
+                                      "real_points": {"given": 5, "used": 3},
+                                      "real_task_options": {"given": {}, "used": small_real}}
     assert params["seeds"] == [0] and params["versions"]["torch"]
 
 
@@ -346,3 +367,102 @@ def test_interleaved_step_times_on_the_real_training_step():
     times = ex.interleaved_step_times(["lora", "reflora-s"], task="mf", optimizer="sgd",
                                       steps=2, warmup=1)
     assert all(len(v) == 2 and all(s > 0 for s in v) for v in times.values())
+
+
+# --- notebooks 05 and 07: the studies (sweep + protocol + report) ---------------------------
+
+@pytest.mark.parametrize("module", [convergence, causal_lm])
+def test_study_notebooks_full_mode_meets_the_protocol(module):
+    """The defaults are the issue's protocol: >= 5 lrs over >= two decades, >= 3 tuning and
+    >= 5 test seeds, LoRA first (the baseline); a model path reaches every run's task."""
+    from reflora_analysis import sweep
+    params = module.SPEC.parameters_from(model_path="/models/deberta-v3-base")
+    parameters, derived, changes = module.SPEC.resolve(params)
+    assert changes == {} and derived["demonstration"] is False
+    lrs = parameters["lrs"]
+    assert len(set(lrs)) >= 5 and max(lrs) / min(lrs) >= 100
+    assert len(parameters["seeds"]) >= sweep.MIN_TUNE_SEEDS
+    assert len(parameters["test_seeds"]) >= sweep.MIN_TEST_SEEDS
+    assert parameters["methods"][0] == "lora"
+    assert derived["task_options"]["model_path"] == "/models/deberta-v3-base"
+    assert derived["task_options"]["quick"] is False
+    # fewer seeds than the protocol's minimums: labelled a demonstration outside quick mode too
+    assert module.SPEC.resolve(module.SPEC.parameters_from(seeds=[0, 1]))[1]["demonstration"]
+
+
+def test_a_study_checks_every_task_before_the_first_run(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown task\(s\) \['nope'\]"):
+        convergence.real_model_convergence(["vader-movies", "nope"], out_dir=tmp_path)
+    with pytest.raises(ValueError, match="non-empty list"):
+        convergence.run_study([], ["lora"], lrs=[1e-3], seeds=[0], test_seeds=[0, 1], steps=1,
+                              out_dir=tmp_path)
+    with pytest.raises(ValueError, match="one task name"):
+        causal_lm.causal_lm_study(["lm-vader-movies"], out_dir=tmp_path)
+    assert not (tmp_path / "sweeps").exists()
+
+
+def _read_rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _check_study_folder(out: Path, task: str, data: dict, n_runs: int) -> None:
+    """What notebooks 05 / 07 promise: the sweep, the paper-layout table, the per-task
+    figures (captions labelled as a demonstration), the summary and the report."""
+    folder = out / "sweeps" / task
+    assert data["sweep_dirs"] == [f"sweeps/{task}"]  # relative: the folder may be moved
+    readme = (out / "README.md").read_text()
+    assert f"`sweeps/{task}`" in readme and str(out) not in readme
+    assert json.loads((out / "study_data.json").read_text())["chosen_lr"] == data["chosen_lr"]
+    results = _read_rows(folder / "results.csv")
+    assert len(results) == n_runs and {r["status"] for r in results} == {"finished"}
+    protocol = json.loads((folder / "protocol.json").read_text())
+    assert protocol["demonstration"] is True
+    assert set(protocol["selection"]["chosen_lr"]) == {"lora", "reflora"}
+    assert all(lr in data["lrs"] for lr in protocol["selection"]["chosen_lr"].values())
+    table = _read_rows(out / "paper_table.csv")
+    assert [r["method"] for r in table] == ["lora", "reflora"]
+    for r in table:  # one task: the Average column is that task's mean, a test accuracy
+        assert r[f"{task}:split"] == "test" and r[f"{task}:metric"] == "accuracy"
+        assert 0.0 <= float(r[f"{task}:mean"]) <= 1.0 and float(r["average"]) == float(r[f"{task}:mean"])
+    assert "Average" in (out / "paper_table.md").read_text()
+    manifest = json.loads((out / "figures.json").read_text())
+    for stem in (f"loss_curves_{task}", f"lr_sensitivity_{task}"):
+        assert (out / f"{stem}.png").stat().st_size > 1000 and (out / f"{stem}.pdf").exists()
+        assert manifest[stem]["caption"].startswith("Pipeline demonstration")
+    summary = _read_rows(out / "study_summary.csv")
+    assert [(r["task"], r["method"]) for r in summary] == [(task, "lora"), (task, "reflora")]
+    assert readme.startswith("# PIPELINE DEMONSTRATION")
+
+
+def test_encoder_study_on_a_tiny_grid_writes_table_curves_and_report(tmp_path):
+    """Notebook 05's three calls on the real vader-movies data and MiniLM, tiny settings:
+    2 methods x 2 lrs x 2 seeds, 1 step. A second call re-runs nothing (resumable)."""
+    pytest.importorskip("peft")
+    from reflora_analysis import plotting
+    run = convergence.setup(quick=True, tasks=["vader-movies"], lrs=[1e-3, 1e-2], steps=1,
+                            eval_examples=8, max_length=8, out_dir=str(tmp_path))
+    data = convergence.experiment(run)
+    plotting.publish_convergence(data, run.out)
+    _check_study_folder(tmp_path, "vader-movies", data, n_runs=8)
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("sweeps/*/runs/*/result.json")}
+    again = convergence.experiment(run)
+    assert again["chosen_lr"] == data["chosen_lr"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "a finished run was re-run"
+
+
+def test_causal_lm_study_on_a_tiny_random_llama(tmp_path):
+    """Notebook 07's three calls with a tiny random LLaMA checkpoint instead of SmolLM2 (no
+    540 MB cache needed) on the real lm-vader-movies sentences; the runs record the model."""
+    pytest.importorskip("peft")
+    from reflora_analysis import plotting
+    from tiny_llama import tiny_llama_checkpoint  # tests/tiny_llama.py
+    checkpoint = tiny_llama_checkpoint(tmp_path / "tiny-llama")
+    run = causal_lm.setup(quick=True, model_path=str(checkpoint), out_dir=str(tmp_path / "out"))
+    data = causal_lm.experiment(run)
+    plotting.publish_causal_lm(data, run.out)
+    _check_study_folder(tmp_path / "out", "lm-vader-movies", data, n_runs=4)
+    metas = sorted((tmp_path / "out" / "sweeps").glob("*/runs/*/run.meta.json"))
+    assert len(metas) == 4
+    model = json.loads(metas[0].read_text())["task_config"]["model_info"]
+    assert model["name"] == "tiny-llama" and model["parameters"] > 0

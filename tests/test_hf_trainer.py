@@ -113,7 +113,7 @@ def test_ref_trainer_step_equals_build_optimizer_step(tmp_path):
 def test_ref_trainer_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="valid methods"):
         RefTrainer(model=_model(), args=_args(tmp_path), train_dataset=_dataset(),
-                   lora_method="dora")
+                   lora_method="qlora")
     with pytest.raises(ValueError, match="supports optim"):
         RefTrainer(model=_model(), args=_args(tmp_path, optim="adafactor"),
                    train_dataset=_dataset(), lora_method="reflora")

@@ -29,7 +29,8 @@ from reflora_analysis.pairs import find_lora_pairs
 
 torch.set_num_threads(1)
 D = torch.float64
-ALL = ["lora", "lora+", "scaledgd", "lora-rite", "lora-pro", "reflora", "reflora-s", "balance"]
+ALL = ["lora", "lora+", "scaledgd", "lora-rite", "lora-pro", "reflora", "reflora-s", "balance",
+       "balora", "dora", "full"]
 # hparams making the exactly-invariant methods exact: no damping (it is not GL(r)-covariant)
 EXACT = {"scaledgd": {"damping": 0.0}, "reflora": {"damping": 0.0}, "balance": {"damping": 0.0},
          "lora-rite": {"skip": None}}  # a unit-scale random G trips LoRA-RITE's skip guard
@@ -65,10 +66,10 @@ def test_registry_lists_every_method_with_its_facts():
     assert available_methods() == ALL
     for name in ALL:
         info = METHOD_INFO[name]
-        assert info["invariance"] in {"exact", "first-order", "scalar", "none"}
+        assert info["invariance"] in {"exact", "first-order", "scalar", "none", "n/a"}
         assert info["paper"] and info["formula"] and info["state"]
     assert {n for n in ALL if METHOD_INFO[n]["invariance"] == "exact"} == \
-        {"scaledgd", "lora-rite", "reflora", "balance"}
+        {"scaledgd", "lora-rite", "reflora", "balance", "balora"}
 
 
 def test_every_registered_method_builds_its_own_transform_class():
@@ -76,6 +77,8 @@ def test_every_registered_method_builds_its_own_transform_class():
         spec = get_method(name)
         assert spec is METHODS[name] and spec.name == name
         assert spec.invariance == METHOD_INFO[name]["invariance"]
+        if not spec.lora_layers:  # full trains a module's own weights (test_method_variants)
+            continue
         _, t = build_optimizer(name, _pairs(), lr=1e-2, **EXACT.get(name, {}))
         # explicit pairs: no PEFT helper stands in for the method's own class
         assert type(t) is spec.transform_cls if spec.transform_cls else t is None, name
@@ -372,7 +375,7 @@ def test_lora_pro_full_mode_keeps_m_by_n_moments():
 # ---------------------------------------------------------------------------- descent, equalities
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("method", [m for m in ALL if METHODS[m].lora_layers])  # full: no pairs
 def test_every_method_decreases_the_mf_loss_for_a_small_step(method, optimizer):
     A, B, _, g = _problem(12, m=8, n=6, r=2)
     Y = torch.randn(8, 2, generator=g, dtype=D) @ torch.randn(2, 6, generator=g, dtype=D)
@@ -533,7 +536,7 @@ def test_bad_inputs_raise_one_line_errors():
     A, B, G, _ = _problem(15)
     pairs = [(nn.Parameter(A.clone()), nn.Parameter(B.clone()))]
     with pytest.raises(ValueError, match="valid methods: lora, lora\\+"):
-        build_optimizer("dora", pairs, lr=1e-2)
+        build_optimizer("qlora", pairs, lr=1e-2)
     with pytest.raises(ValueError, match="valid optimizers: sgd, adamw"):
         build_optimizer("lora", pairs, optimizer="adam", lr=1e-2)
     for lr in (0.0, -1.0, math.nan, math.inf):

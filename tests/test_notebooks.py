@@ -1,6 +1,6 @@
 """Notebooks, the papermill runner (``reflora_analysis.figures``) and the figure helpers.
 
-The expensive test executes all six notebooks through the runner with tiny parameters
+The expensive test executes all seven notebooks through the runner with tiny parameters
 (``TINY``) into ``tmp_path`` and checks every file each one promises: PNG + PDF figures,
 the plotted data with finite numbers and one series per method, ``params.json`` (the
 arguments as used) and ``index.md``. The rest is cheap: stored notebooks have no outputs,
@@ -29,7 +29,8 @@ from reflora_analysis import figures, plotting  # noqa: E402
 
 NOTEBOOKS = figures.NOTEBOOK_DIR
 STEMS = ["01_matrix_factorization", "02_upper_bounds", "03_consistency_balance",
-         "04_sharpness_landscape", "05_real_model_convergence", "06_overhead"]
+         "04_sharpness_landscape", "05_real_model_convergence", "06_overhead",
+         "07_causal_lm_study"]
 REQUIRED_PARAMETERS = {"quick", "device", "seeds", "steps", "out_dir"}
 
 # Tiny settings: every code path of every notebook, in ~1-2 minutes on one core.
@@ -40,10 +41,13 @@ TINY = {
                                "consistency_tasks": ["mf"], "real_task": None},
     "04_sharpness_landscape": {"steps": 4, "probe_every": 2, "trace_samples": 3,
                                "real_task": None, "n_points": 5, "n_grid": 3},
-    "05_real_model_convergence": {"steps": 2, "seeds": [0, 1], "methods": ["lora", "reflora"],
-                                  "eval_examples": 16},
+    "05_real_model_convergence": {"steps": 1, "seeds": [0, 1], "methods": ["lora", "reflora"],
+                                  "tasks": ["vader-movies"], "lrs": [1e-3, 1e-2],
+                                  "eval_examples": 8, "max_length": 8},
     "06_overhead": {"steps": 2, "warmup": 1, "repeats": 1, "methods": ["lora", "reflora-s"],
                     "task": "mf", "optimizer": "sgd", "isolate": False},
+    # model_path: a tiny random LLaMA checkpoint, written by the ``executed`` fixture
+    "07_causal_lm_study": {"steps": 1, "eval_examples": 2},
 }
 
 
@@ -54,7 +58,7 @@ def _methods():
 
 # --- stored notebooks ----------------------------------------------------------------
 
-def test_the_six_notebooks_exist():
+def test_the_seven_notebooks_exist():
     assert figures.available_notebooks() == STEMS
 
 
@@ -331,7 +335,7 @@ def test_save_figure_is_byte_stable_with_source_date_epoch(tmp_path, monkeypatch
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-# --- the six notebooks, executed with tiny parameters ------------------------------------
+# --- the seven notebooks, executed with tiny parameters ------------------------------------
 
 def _read_csv(path: Path) -> list[dict]:
     with open(path, newline="", encoding="utf-8") as fh:
@@ -360,9 +364,12 @@ def _check_series(path: Path, column: str, methods: set[str], *, key: str = "met
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
+    from tiny_llama import tiny_llama_checkpoint  # tests/tiny_llama.py: no SmolLM2 cache needed
     out = tmp_path_factory.mktemp("figures")
+    model = tiny_llama_checkpoint(tmp_path_factory.mktemp("tiny-llama"))
+    tiny = {**TINY, "07_causal_lm_study": {**TINY["07_causal_lm_study"], "model_path": str(model)}}
     # two worker processes (the parallel path of the runner); 06 runs alone afterwards
-    report = figures.run_notebooks(None, quick=True, out=out, params_override=TINY,
+    report = figures.run_notebooks(None, quick=True, out=out, params_override=tiny,
                                    progress=False, threads=1, jobs=2)
     failed = {s: r["error"] for s, r in report.items() if r["status"] != "ok"}
     assert not failed, f"notebooks failed: {failed}"
@@ -372,14 +379,17 @@ def executed(tmp_path_factory):
 @pytest.mark.slow
 def test_every_notebook_writes_figures_data_and_params(executed):
     out, report = executed
-    methods = _methods()
+    # notebooks 01/03 default to every optimizer of the factors: dora/full change the model
+    from reflora_analysis.methods.registry import optimizer_methods
+    methods = set(optimizer_methods())
     expected_pngs = {
         "01_matrix_factorization": {"mf_loss", "mf_balance"},
         "02_upper_bounds": {"bounds_vs_step_size", "bound_tightness"},
         "03_consistency_balance": {"consistency", "balance_trajectories"},
         "04_sharpness_landscape": {"sharpness", "landscape"},
-        "05_real_model_convergence": {"convergence"},
+        "05_real_model_convergence": {"loss_curves_vader-movies", "lr_sensitivity_vader-movies"},
         "06_overhead": {"overhead"},
+        "07_causal_lm_study": {"loss_curves_lm-vader-movies", "lr_sensitivity_lm-vader-movies"},
     }
     for stem, stems in expected_pngs.items():
         d = out / stem
@@ -416,12 +426,15 @@ def test_every_notebook_writes_figures_data_and_params(executed):
                   sharp_methods, require_all_finite=True)
     _check_series(out / "04_sharpness_landscape" / "landscape_1d.csv", "loss",
                   sharp_methods, require_all_finite=True)
-    conv = _check_series(out / "05_real_model_convergence" / "convergence.csv", "loss",
-                         {"lora", "reflora"}, require_all_finite=True)
-    assert {r["seed"] for r in conv} == {"0", "1"}
-    acc = _check_series(out / "05_real_model_convergence" / "accuracy.csv", "final_accuracy",
-                        {"lora", "reflora"}, require_all_finite=True)
-    assert all(0.0 <= float(r["final_accuracy"]) <= 1.0 for r in acc)
+    for stem, task, n_runs in (("05_real_model_convergence", "vader-movies", 8),
+                               ("07_causal_lm_study", "lm-vader-movies", 4)):
+        runs = _check_series(out / stem / "sweeps" / task / "results.csv", "val_accuracy",
+                             {"lora", "reflora"}, require_all_finite=True)
+        assert len(runs) == n_runs and {r["seed"] for r in runs} == {"0", "1"}
+        table = _check_series(out / stem / "paper_table.csv", f"{task}:mean", {"lora", "reflora"},
+                              require_all_finite=True)
+        assert all(0.0 <= float(r[f"{task}:mean"]) <= 1.0 for r in table)
+        assert "PIPELINE DEMONSTRATION" in (out / stem / "README.md").read_text()
     ovh = _check_series(out / "06_overhead" / "overhead.csv", "seconds_per_step",
                         {"lora", "reflora-s"}, require_all_finite=True)
     assert all(float(r["seconds_per_step"]) > 0 for r in ovh)

@@ -266,12 +266,18 @@ def test_probes_declare_what_they_need():
                 torch.zeros(3, 2, dtype=F64))
     two = _TwoLayerTask()
     assert supported_probes(mf) == available_probes()
-    assert supported_probes(two) == ["balance", "consistency", "sharpness"]
+    # a model holding its LoRA factors supports every probe (bound along the step's direction)
+    assert supported_probes(two) == available_probes()
     for probe in make_probes(available_probes()):
         probe.check(mf)
+    with pytest.raises(ValueError, match=r"^probe 'bound' cannot run on task 'two-layer': "
+                                         r"curvature 'hessian' needs a single-layer task"):
+        make_probes("bound", curvature="hessian")[0].check(two)
+    two.model = None
     with pytest.raises(ValueError, match=r"^probe 'bound' cannot run on task 'two-layer': it "
                                          r"needs a single-layer task with loss_in_W"):
         make_probes("bound")[0].check(two)
+    two.model = nn.ModuleList()
     two.pairs = []
     for name in ("balance", "consistency"):
         with pytest.raises(ValueError, match=f"probe '{name}' cannot run on task 'two-layer'"):
@@ -377,12 +383,15 @@ def test_bound_line_scan_shapes_and_order():
         bound_line_scan(A, B, G, loss, L, [])
 
 
-def test_bound_probe_needs_single_layer_task():
+def test_bound_probe_needs_loss_in_W_or_a_model():
     task = MFTask(Factors(torch.ones(3, 1, dtype=F64), torch.ones(2, 1, dtype=F64)),
                   torch.zeros(3, 2, dtype=F64))
-    task.loss_in_W = None
-    with pytest.raises(ValueError, match="single-layer"):
+    task.loss_in_W, task.model = None, None
+    with pytest.raises(ValueError, match="single-layer task with loss_in_W .* or task.model"):
         make_probes("bound")[0](ProbeContext(task, "lora", "sgd", 0.1, 0, None))
+    task.model = Factors(torch.ones(3, 1, dtype=F64), torch.ones(2, 1, dtype=F64))
+    with pytest.raises(ValueError, match="does not hold the LoRA factors"):  # other tensors
+        make_probes("bound")[0].check(task)
 
 
 # ---------------------------------------------------------------- landscape
@@ -487,8 +496,8 @@ def test_probes_leave_model_untouched_and_report_cost():
 
 
 def test_make_probes_errors():
-    assert set(available_probes()) == {"balance", "consistency", "sharpness", "bound"}
-    with pytest.raises(ValueError, match="valid: balance, consistency, sharpness, bound"):
+    assert set(available_probes()) == {"balance", "consistency", "sharpness", "bound", "health"}
+    with pytest.raises(ValueError, match="valid: balance, consistency, sharpness, bound, health"):
         make_probes("balance,sharpnes")
     with pytest.raises(ValueError, match="not accepted"):
         make_probes("balance", tol=1e-4)
@@ -517,11 +526,14 @@ def test_hf_peft_model_through_math_attention():
     assert info["converged"] and math.isfinite(value) and abs(value) > 1e-3
     _assert_same(model, snap)
     # the PyHessian path through the dict-input adapter, on the CPU: power iteration finds the
-    # largest-magnitude eigenvalue; both are certified to a 1e-3 residual, so 2e-3 apart at most
+    # largest-magnitude eigenvalue, here negative (|lambda_min| > lambda_max), and the shifted
+    # run the largest algebraic one; all are certified to a 1e-3 residual, so 2e-3 apart at most
     lam_min = -top_hessian_eigenvalue(model, lambda: -closure(), tol=1e-3)
-    largest_magnitude = value if abs(value) >= abs(lam_min) else lam_min
-    ph = top_hessian_eigenvalue(model, closure, method="pyhessian", tol=1e-3)
-    assert ph == pytest.approx(largest_magnitude, rel=2e-3)
+    assert lam_min < 0 and abs(lam_min) > value  # the case the unshifted power iteration gets wrong
+    ph, ph_info = top_hessian_eigenvalue(model, closure, method="pyhessian", tol=1e-3,
+                                         return_info=True)
+    assert ph == pytest.approx(value, rel=2e-3)
+    assert ph_info["largest_magnitude"] == pytest.approx(lam_min, rel=2e-3)
     _assert_same(model, snap)
     pairs = find_lora_pairs(model)
     Gs = gradient_in_W(model, closure, pairs)

@@ -72,8 +72,8 @@ def test_every_supported_probe_runs_past_step_0_and_changes_nothing(name, method
                                                                    hparams):
     task = _task(name)
     names = supported_probes(task)
-    # bound needs a single-layer task with loss_in_W; the others run on any LoRA model
-    assert names == [n for n in available_probes() if n != "bound"]
+    # every probe runs on a real LoRA model (bound with curvature along the step)
+    assert names == available_probes()
     probes = make_probes(names, max_layers=MAX_LAYERS.get(name), **PROBE_OPTIONS)
     start = _state(task.model)
     try:
@@ -100,7 +100,7 @@ def test_every_supported_probe_runs_past_step_0_and_changes_nothing(name, method
         most = PROBE_OPTIONS["max_iter"] + PROBE_OPTIONS["trace_samples"]
         assert 1 <= r["sharpness/hvps"] <= most
         assert math.isfinite(r["sharpness/lambda_max"]) and math.isfinite(r["balance/gap_max"])
-        assert "bound/loss" not in r
+        assert "bound/loss" in r
 
     # the probes do not perturb training: same losses and same weights, bit for bit (CPU
     # kernels are deterministic for a fixed thread count, and probes run outside the step)
@@ -115,10 +115,11 @@ def test_a_probe_the_task_cannot_run_stops_the_run_before_step_0(tmp_path):
     task = _task("seq-cls")
     start = _state(task.model)
     calls = []
-    with pytest.raises(ValueError, match=r"probe 'bound' cannot run on task 'seq-cls': it needs a "
-                                         r"single-layer task with loss_in_W"):
+    bound = make_probes("bound", curvature="hessian")[0]
+    with pytest.raises(ValueError, match=r"probe 'bound' cannot run on task 'seq-cls': curvature "
+                                         r"'hessian' needs a single-layer task"):
         run(task, "reflora", optimizer="adamw", steps=3, out=tmp_path / "run.jsonl",
-            probes=[lambda ctx: calls.append(ctx.step) or {}, "balance,sharpness,bound"],
+            probes=[lambda ctx: calls.append(ctx.step) or {}, "balance,sharpness", bound],
             probe_every=1, progress=False)
     assert calls == [] and list(tmp_path.iterdir()) == []
     after = _state(task.model)

@@ -676,6 +676,20 @@ def test_seq_cls_loads_a_local_checkpoint(tmp_path):
     _check_accuracy_of_constant_heads(task, _classifier_of(task), [[1, 0, 1, 0, 1, 0, 1, 0][i] for i in held_idx])
 
 
+@needs_hf
+def test_sentence_task_takes_a_local_deberta_encoder(tmp_path):
+    """`model_path` takes any local encoder: DeBERTa-v2 has no pooler switch (BERT's
+    add_pooling_layer), and LoRA lands on its query_proj/key_proj/value_proj layers."""
+    from transformers import DebertaV2Config, DebertaV2Model
+    vocab = _save_word_tokenizer(tmp_path)
+    config = DebertaV2Config(vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                             intermediate_size=32, pad_token_id=0)
+    DebertaV2Model(config).save_pretrained(tmp_path)
+    task = make_task("vader-movies", quick=True, model_path=tmp_path, eval_examples=8)
+    assert len(task.pairs) == 6 and any("query_proj" in p.name for p in task.pairs)
+    assert math.isfinite(task.loss(task.batch(0)).item())
+
+
 # ---------------------------------------------------------------------------- DoRA (use_dora)
 
 

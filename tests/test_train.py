@@ -250,8 +250,9 @@ def test_an_unknown_probe_name_lists_the_valid_ones(tmp_path):
 
 
 def test_a_probe_the_task_cannot_run_fails_before_step_0(tmp_path):
-    """bound needs task.loss_in_W: the run stops before any probe runs or any file is written."""
-    task = dataclasses.replace(make_task("mf", seed=0), loss_in_W=None, name="mf-no-loss-in-W")
+    """bound needs task.loss_in_W or a model: the run stops before any probe runs or any file is written."""
+    task = dataclasses.replace(make_task("mf", seed=0), loss_in_W=None, model=None,
+                               name="mf-no-loss-in-W")
     calls = []
     out = tmp_path / "run.jsonl"
     with pytest.raises(ValueError, match=r"probe 'bound' cannot run on task 'mf-no-loss-in-W': "

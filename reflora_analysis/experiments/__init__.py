@@ -11,8 +11,9 @@ notebook  module                what it measures
 02        :mod:`.bounds`        loss and the F8 bounds vs step size; their tightness
 03        :mod:`.consistency`   consistency score of every method; balance over training
 04        :mod:`.sharpness`     top Hessian eigenvalue and trace; 1-D / 2-D loss slices
-05        :mod:`.convergence`   training loss and held-out accuracy on a real model
+05        :mod:`.convergence`   encoder study on the VADER sentence tasks (tuned lr, test seeds)
 06        :mod:`.overhead`      time per training step (round-robin), peak memory
+07        :mod:`.causal_lm`     causal-LM study: SmolLM2 (LLaMA) on ``lm-vader-movies``
 ========  ====================  ===========================================================
 
 Shared parts: :mod:`.common` (the sweep skeleton :func:`sweep_runs`, :func:`train_records`,
@@ -35,12 +36,13 @@ diverged run) are stored as the strings ``"NaN"``/``"Infinity"`` so every JSON f
 
 from __future__ import annotations
 
-from . import (bounds, common, consistency, convergence, mf, notebook, overhead,  # noqa: F401
-               provenance, sharpness, timing)
+from . import (bounds, causal_lm, common, consistency, convergence, mf, notebook,  # noqa: F401
+               overhead, provenance, sharpness, timing)
 from .bounds import bound_scan_experiment, bound_tightness_experiment
 from .common import REFACTOR_METHODS, sweep_runs, train_records, write_data
 from .consistency import balance_trajectories, consistency_experiment
-from .convergence import real_model_convergence
+from .causal_lm import causal_lm_study
+from .convergence import real_model_convergence, run_study
 from .mf import run_mf_comparison
 from .notebook import NotebookRun, NotebookSpec, Preset, at_least, at_most, fill, first, options_for_task
 from .overhead import interleaved_step_times, measure_overhead, overhead_experiment
@@ -76,6 +78,8 @@ __all__ = [
     "sharpness_over_training",
     "landscape_experiment",
     "real_model_convergence",
+    "run_study",
+    "causal_lm_study",
     "measure_overhead",
     "interleaved_step_times",
     "overhead_experiment",
@@ -83,4 +87,4 @@ __all__ = [
 
 #: notebook stem -> its experiment module (``SPEC``, ``setup``, ``experiment``)
 NOTEBOOKS = {module.SPEC.notebook: module
-             for module in (mf, bounds, consistency, sharpness, convergence, overhead)}
+             for module in (mf, bounds, consistency, sharpness, convergence, overhead, causal_lm)}

@@ -66,11 +66,14 @@ def series(records: Records, key: str) -> list[float]:
 
 
 def methods_or_all(methods) -> list[str]:
-    """``methods`` checked against the registry (``None``: all; ``"a,b"``: a list)."""
+    """``methods`` checked against the registry (``"a,b"``: a list; ``None``: every method
+    that runs on any LoRA task, ``methods.registry.optimizer_methods``: not ``dora`` and
+    ``full``, which need a task with their option, e.g. not ``mf``)."""
     from ..methods import available_methods
+    from ..methods.registry import optimizer_methods
     valid = available_methods()
     if methods is None:
-        return list(valid)
+        return optimizer_methods()
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in valid]
@@ -213,12 +216,14 @@ def sweep_runs(methods: Sequence[str], *, task: str, steps: int, collect: Collec
 
     Loops seeds, then ``lr_multipliers`` (step size ``k * (lr or task.default_lr)``; the
     run records ``lr`` and ``multiplier``), then methods. Each run builds
-    ``make_task(task, seed=, device=, quick=, **task_options)`` (``None`` options dropped),
+    ``make_task(task, seed=, device=, quick=, **task_options)`` (``None`` options dropped;
+    plus the method's own, ``methods.registry.method_task_options``: dora, full),
     trains it with :func:`train_records` (``probes``: names, built tolerant for each run, or
     a factory of probe lists; ``train_kw``: ``probe_every``, ``refactor_warmup``, method
     hyper-parameters, ...) and adds ``collect(records, task)`` to
     ``{"method", "seed", "status", "message"}``.
     """
+    from ..methods.registry import METHODS, method_task_options
     from ..tasks import make_task
 
     options = {k: v for k, v in dict(task_options or {}).items() if v is not None}
@@ -226,7 +231,8 @@ def sweep_runs(methods: Sequence[str], *, task: str, steps: int, collect: Collec
     for seed in seeds:
         for multiplier in (lr_multipliers if lr_multipliers is not None else (None,)):
             for method in methods:
-                t = make_task(task, seed=seed, device=device, quick=quick, **options)
+                own = method_task_options(method, options) if method in METHODS else options
+                t = make_task(task, seed=seed, device=device, quick=quick, **own)  # dora, full
                 run_lr, base = _run_lr(t, optimizer, lr, multiplier)
                 built = (tolerant_probes(probes) if isinstance(probes, str) else
                          probes() if callable(probes) else ())

@@ -35,7 +35,7 @@ def _derive(params: Mapping[str, Any]) -> dict[str, Any]:
 SPEC = NotebookSpec(
     "06_overhead",
     parameters=dict(quick=False, device="cpu", seeds=[0], steps=50, warmup=5, repeats=2,
-                    methods=None, task="nlu-minilm", optimizer="adamw", isolate=True,
+                    methods=None, task="vader-movies", optimizer="adamw", isolate=True,
                     out_dir=None),
     quick=Preset(steps=at_most(20), warmup=at_most(3), repeats=at_most(2)),
     derive=_derive)
@@ -95,7 +95,7 @@ class _Memory:
         return self.sampler.peak - self.base, "peak RSS (2 ms sampling) - RSS before step 1"
 
 
-def measure_overhead(method: str, *, task: str = "nlu-minilm", optimizer: str = "adamw",
+def measure_overhead(method: str, *, task: str = "vader-movies", optimizer: str = "adamw",
                      steps: int = 20, warmup: int = 3, seed: int = 0, device: str = "cpu",
                      lr: float | None = None, quick: bool = False,
                      task_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -144,7 +144,7 @@ def measure_overhead(method: str, *, task: str = "nlu-minilm", optimizer: str = 
             "final_loss": as_float(loss)}
 
 
-def interleaved_step_times(methods: Sequence[str], *, task: str = "nlu-minilm",
+def interleaved_step_times(methods: Sequence[str], *, task: str = "vader-movies",
                            optimizer: str = "adamw", steps: int = 20, warmup: int = 3,
                            seed: int = 0, device: str = "cpu", lr: float | None = None,
                            quick: bool = False,
@@ -236,7 +236,7 @@ def _summary(method: str, reps: list[dict], interleaved: Mapping[str, list[float
             "lora_parameter_mb": reps[0]["lora_parameter_mb"], "seconds_all": seconds_all}
 
 
-def overhead_experiment(methods: Sequence[str] | None = None, *, task: str = "nlu-minilm",
+def overhead_experiment(methods: Sequence[str] | None = None, *, task: str = "vader-movies",
                         optimizer: str = "adamw", steps: int = 20, warmup: int = 3,
                         repeats: int = 1, seed: int = 0, device: str = "cpu",
                         isolate: bool = True, out_dir=None, quick: bool = False,

@@ -1,6 +1,11 @@
 r"""The balanced projection, as a post-step transform (``THEORY.md`` F4, F5, section 7).
 
-Balanced projection, cf. BaLoRA: Castin, Nadjahi, Ablin, Peyre, ICML 2026 (arXiv 2605.31484).
+The balanced projection by the matrix geometric mean. This is **not** BaLoRA (Castin, Nadjahi,
+Ablin, Peyre, ICML 2026, arXiv 2605.31484): BaLoRA's SVD split ``(U S^{1/2}, V S^{1/2})`` of
+``A B^T = U S V^T`` (method ``balora``, :mod:`.balora`) and the factors here differ by an
+``r x r`` rotation. Both are balanced with the same product, so under SGD the weight
+trajectories are identical (RefLoRA's); under AdamW the elementwise moments see the rotated
+coordinates and the two are different algorithms (``tests/test_balora.py``).
 
 After each step the pair is replaced by the balanced factorization of the same product:
 
@@ -35,8 +40,8 @@ def balancing_maps(X: Tensor, Y: Tensor, *, singular_rtol: float) -> tuple[Tenso
 
     ``S* = X^{-1} # Y`` (:func:`~reflora_analysis.theory.geometric_mean`, undamped) and
     ``S* = E diag(s) E^T`` (``eigh``) give ``P = E diag(s^{1/2}) E^T``, ``P^{-1} =
-    E diag(s^{-1/2}) E^T``. Symmetric ``P`` is chosen over BaLoRA's thin SVD
-    ``U S^{1/2}, V S^{1/2}``: the same balanced product in ``O((m+n) r^2)``, and ``P`` is
+    E diag(s^{-1/2}) E^T``. The balanced factors ``(A P, B P^{-1})`` differ from BaLoRA's
+    thin SVD split ``U S^{1/2}, V S^{1/2}`` by a rotation (same balanced product); ``P`` is
     continuous in (A, B), so no sign/order flips of singular vectors between steps.
 
     Parameters

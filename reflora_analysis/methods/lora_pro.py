@@ -46,24 +46,45 @@ import torch
 from torch import Tensor
 
 from ..theory import symmetrize
-from .base import (LayerStateTransform, check_betas, check_number, gram_pinv, internal_sgd_step,
+from .base import (LayerStateTransform, check_betas, check_number, internal_sgd_step,
                    make_base_optimizer)
 
-__all__ = ["sylvester_psd", "equivalent_factor_gradients", "equivalent_gradient",
+__all__ = ["sylvester_psd", "gram_spectrum", "equivalent_factor_gradients", "equivalent_gradient",
            "LoraProTransform"]
 
 X_MODES = ("sylvester", "zero")
 
 
 def sylvester_psd(X1: Tensor, X2: Tensor, C: Tensor) -> Tensor:
-    r"""Solve ``X1 X + X X2 = C`` for symmetric PSD ``X1``, ``X2`` (r x r) by two ``eigh``.
+    r"""Solve ``X1 X + X X2 = C`` for symmetric PSD ``X1``, ``X2`` (``(..., r, r)``) by two ``eigh``.
 
     Entries with ``l1_i + l2_j = 0`` (both Grams singular along that pair) are set to 0.
     """
-    l1, Q1 = torch.linalg.eigh(symmetrize(X1))
-    l2, Q2 = torch.linalg.eigh(symmetrize(X2))
-    denom = l1.clamp_min(0.0)[:, None] + l2.clamp_min(0.0)[None, :]
-    tol = torch.finfo(denom.dtype).eps * denom.abs().max().clamp_min(torch.finfo(denom.dtype).tiny)
+    return _sylvester_from_spectra(gram_spectrum(X1), gram_spectrum(X2), C)
+
+
+def gram_spectrum(X: Tensor) -> tuple[Tensor, Tensor]:
+    """``eigh`` of the symmetrized Gram: the one factorization LoRA-Pro needs per Gram (its
+    pseudo-inverse and the Sylvester solve both read it; computed once, batched over layers)."""
+    return torch.linalg.eigh(symmetrize(X))
+
+
+def _pinv_from_spectrum(spectrum: tuple[Tensor, Tensor]) -> Tensor:
+    """:func:`~.base.gram_pinv` from the spectrum ``(evals, evecs)`` of the symmetrized Gram."""
+    evals, evecs = spectrum
+    tol = evals.shape[-1] * torch.finfo(evals.dtype).eps * evals.abs().amax(-1, keepdim=True)
+    inv = torch.where(evals > tol, 1.0 / torch.where(evals > tol, evals, torch.ones_like(evals)),
+                      torch.zeros_like(evals))
+    return (evecs * inv.unsqueeze(-2)) @ evecs.mT
+
+
+def _sylvester_from_spectra(s1: tuple[Tensor, Tensor], s2: tuple[Tensor, Tensor],
+                            C: Tensor) -> Tensor:
+    """:func:`sylvester_psd` from the spectra of ``X1`` and ``X2`` (``(..., r, r)`` batches)."""
+    (l1, Q1), (l2, Q2) = s1, s2
+    denom = l1.clamp_min(0.0)[..., :, None] + l2.clamp_min(0.0)[..., None, :]
+    peak = denom.abs().amax((-2, -1), keepdim=True)
+    tol = torch.finfo(denom.dtype).eps * peak.clamp_min(torch.finfo(denom.dtype).tiny)
     ok = denom > tol
     core = torch.where(ok, (Q1.mT @ C @ Q2) / torch.where(ok, denom, torch.ones_like(denom)),
                        torch.zeros_like(denom))
@@ -71,32 +92,39 @@ def sylvester_psd(X1: Tensor, X2: Tensor, C: Tensor) -> Tensor:
 
 
 def equivalent_factor_gradients(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor,
-                                scaling: float = 1.0, x_mode: str = "sylvester"
-                                ) -> tuple[Tensor, Tensor]:
-    r"""``(ghat_A, ghat_B)`` of the module docstring. A, grad_A: m x r; B, grad_B: n x r."""
+                                scaling: float = 1.0, x_mode: str = "sylvester", *,
+                                spectra: tuple | None = None) -> tuple[Tensor, Tensor]:
+    r"""``(ghat_A, ghat_B)`` of the module docstring. A, grad_A: m x r; B, grad_B: n x r.
+
+    ``spectra``: the :func:`gram_spectrum` of ``A^T A`` and ``B^T B`` when already known
+    (the transform computes them once per step, batched over layers)."""
     if x_mode not in X_MODES:
         raise ValueError(f"unknown x_mode {x_mode!r}; choose one of {', '.join(X_MODES)}")
     dtype = torch.promote_types(A.dtype, torch.float32)
     A, B, grad_A, grad_B = (t.to(dtype) for t in (A, B, grad_A, grad_B))
-    XA, XB = A.mT @ A, B.mT @ B
-    XA_inv, XB_inv = gram_pinv(XA), gram_pinv(XB)
+    if spectra is None:
+        spectra = (gram_spectrum(A.mT @ A), gram_spectrum(B.mT @ B))
+    XA_inv, XB_inv = _pinv_from_spectrum(spectra[0]), _pinv_from_spectrum(spectra[1])
     inv_s2 = 1.0 / scaling**2
     out_of_span = grad_A - A @ (XA_inv @ (A.mT @ grad_A))  # (I - P_A) grad_A
     ghat_A = inv_s2 * out_of_span @ XB_inv
     ghat_B = inv_s2 * grad_B @ XA_inv
     if x_mode == "sylvester":
-        X = sylvester_psd(XA, XB, -inv_s2 * XA_inv @ (grad_B.mT @ B))
+        X = _sylvester_from_spectra(spectra[0], spectra[1], -inv_s2 * XA_inv @ (grad_B.mT @ B))
         ghat_A = ghat_A - A @ X
         ghat_B = ghat_B + B @ X.mT
     return ghat_A, ghat_B
 
 
 def equivalent_gradient(A: Tensor, B: Tensor, grad_A: Tensor, grad_B: Tensor,
-                        scaling: float = 1.0) -> Tensor:
+                        scaling: float = 1.0, *, spectra: tuple | None = None) -> Tensor:
     r"""``g~ = s (ghat_A B^T + A ghat_B^T) = P_A G + (I - P_A) G P_B`` (m x n), from the factor grads."""
-    ghat_A, ghat_B = equivalent_factor_gradients(A, B, grad_A, grad_B, scaling, "zero")
+    ghat_A, ghat_B = equivalent_factor_gradients(A, B, grad_A, grad_B, scaling, "zero",
+                                                 spectra=spectra)
     A, B = A.to(ghat_A.dtype), B.to(ghat_A.dtype)
-    return scaling * (ghat_A @ B.mT + A @ ghat_B.mT)
+    g = ghat_A @ B.mT
+    g.addmm_(A, ghat_B.mT)  # the sum accumulated inside the second GEMM: one m x n pass less
+    return g if scaling == 1.0 else g.mul_(scaling)
 
 
 class LoraProTransform(LayerStateTransform):
@@ -137,20 +165,27 @@ class LoraProTransform(LayerStateTransform):
     def pre_step(self, optimizer) -> None:
         if self.mode == "full":
             self.pro_step += 1
-        for i, pair in enumerate(self.pairs):
-            gA, gB = pair.grad_A, pair.grad_B
-            if gA is None or gB is None:
-                continue
+        live = [(i, p) for i, p in enumerate(self.pairs)
+                if p.grad_A is not None and p.grad_B is not None]
+        spectra = _batched_spectra([p for _, p in live])
+        if self.mode == "sgd":
+            for (_, pair), spec in zip(live, spectra):
+                ghat_A, ghat_B = equivalent_factor_gradients(
+                    pair.A, pair.B, pair.grad_A, pair.grad_B, pair.scaling, self.x_mode,
+                    spectra=spec)
+                pair.grad_A.copy_(ghat_A)
+                pair.grad_B.copy_(ghat_B)
+            return
+        for (i, pair), spec in zip(live, spectra):
+            # layer by layer: its m x n temporaries stay in cache through the Adam passes
+            # (measured: a _foreach_ Adam over all layers streams them from memory, slower on CPU)
             s = pair.scaling
-            if self.mode == "sgd":
-                ghat_A, ghat_B = equivalent_factor_gradients(pair.A, pair.B, gA, gB, s, self.x_mode)
-                gA.copy_(ghat_A)
-                gB.copy_(ghat_B)
-                continue
-            D = self._adam_direction(i, equivalent_gradient(pair.A, pair.B, gA, gB, s))
+            g = equivalent_gradient(pair.A, pair.B, pair.grad_A, pair.grad_B, s, spectra=spec)
+            D = self._adam_direction(i, g)
             A, B = pair.A.to(D.dtype), pair.B.to(D.dtype)
-            ghat_A, ghat_B = equivalent_factor_gradients(A, B, s * D @ B, s * D.mT @ A, s,
-                                                         self.x_mode)
+            # s (D B) rather than (s D) B: the scale on the m x r product, not the m x n one
+            ghat_A, ghat_B = equivalent_factor_gradients(
+                A, B, (D @ B).mul_(s), (D.mT @ A).mul_(s), s, self.x_mode, spectra=spec)
             internal_sgd_step(optimizer, pair.a, ghat_A, self.weight_decay)
             internal_sgd_step(optimizer, pair.b, ghat_B.mT if pair.b_transposed else ghat_B,
                               self.weight_decay)
@@ -164,10 +199,30 @@ class LoraProTransform(LayerStateTransform):
         st["exp_avg"].mul_(beta1).add_(g, alpha=1.0 - beta1)
         st["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
         k = self.pro_step
-        mhat = st["exp_avg"] / (1.0 - beta1**k)
-        vhat = st["exp_avg_sq"] / (1.0 - beta2**k)
-        return mhat / (vhat.sqrt() + self.eps)
+        denom = (st["exp_avg_sq"] / (1.0 - beta2**k)).sqrt_().add_(self.eps)
+        return (st["exp_avg"] / (1.0 - beta1**k)).div_(denom)  # in place: no extra m x n buffers
 
+
+def _batched_spectra(pairs) -> list[tuple]:
+    """Per pair, the :func:`gram_spectrum` of ``A^T A`` and of ``B^T B`` (compute dtype), from
+    one batched ``eigh`` per (rank, dtype, device) and factor instead of one call per Gram."""
+    out: list = [None] * len(pairs)
+    groups: dict[tuple, list[int]] = {}
+    for j, p in enumerate(pairs):
+        groups.setdefault((p.rank, p.A.dtype, p.A.device), []).append(j)
+    for idx in groups.values():
+        per_side = []
+        for side in ("A", "B"):
+            grams = []
+            for j in idx:
+                F = getattr(pairs[j], side)
+                F = F.to(torch.promote_types(F.dtype, torch.float32))
+                grams.append(F.mT @ F)
+            evals, evecs = gram_spectrum(torch.stack(grams))
+            per_side.append(list(zip(evals.unbind(0), evecs.unbind(0))))
+        for j, spec_A, spec_B in zip(idx, *per_side):
+            out[j] = (spec_A, spec_B)
+    return out
 
 
 def build_lora_pro(tr, optimizer: str, lr: float, weight_decay: float, base_kwargs: dict, *,

@@ -48,6 +48,12 @@ REFACTORING_HPARAMS = {"warmup_steps": 0, "interval": 1, "damping": 0.0}
 
 WRITE_BACKS = ("copy", "rebind")
 
+#: The device-side degenerate-Gram mask is read on the host at the first active step, then
+#: every this many steps and in ``state_dict()``, until the warning has been given: one host
+#: read per 64 steps instead of one per step (the warning may come up to 63 steps late; the
+#: damping itself is applied on the device at the step it is needed).
+DEGENERATE_CHECK_EVERY = 64
+
 
 def _refactoring_class(method) -> type["Refactorer"]:
     """The transform class of a refactoring method, from the registry (the one name lookup)."""
@@ -89,11 +95,14 @@ class Refactorer(PairTransform):
         near-singular after this damping get extra damping (F10) and one
         :class:`~reflora_analysis.theory.DegenerateGramWarning` per refactorer naming the
         layers (with d > 0 also layers with a zero factor, which RefLoRA cannot leave);
-        results are always finite (F10).
+        results are always finite (F10). The damping is decided on the device at every
+        step; the warning reads that decision lazily (:meth:`check_degenerate`).
     strategy : {"auto", "loop", "stack"}
-        How the per-layer ``(m x r) x (r x r)`` products are issued (see
-        :class:`~.gram.PairGroup`); ``"auto"`` is "stack" on accelerators and "loop" on CPU.
-        Results are identical.
+        How the Grams and the per-layer ``(m x r) x (r x r)`` products are issued (see
+        :class:`~.gram.PairGroup`): "stack" batches the factors of equal storage shape
+        through a workspace (one ``bmm`` per shape), "loop" issues one ``mm`` per layer;
+        ``"auto"`` stacks everything on accelerators and, on a CPU, the factors under
+        :data:`~.gram.STACK_MAX_NUMEL` elements. Results are identical.
     write_back : {"copy", "rebind"}
         "reflora" only: ``"copy"`` writes the preconditioned gradients into the existing
         ``.grad`` tensors (``grad.copy_``; identity of ``.grad`` kept); ``"rebind"`` sets
@@ -109,8 +118,9 @@ class Refactorer(PairTransform):
     -----
     Grams and products are computed in ``promote_types(dtype, float32)`` and written back
     in the parameter dtype (bf16/fp16 parameters work); the ``r x r`` factorizations run
-    in float64 (tiny). Buffers (Grams, one workspace per gradient shape) are allocated once;
-    nothing grows with the steps. The state (:meth:`state_dict`) is saved in
+    in float64 (tiny). The layers are grouped once, here (:class:`~.gram.PairGroup`); buffers
+    (Grams, a shared workspace) are allocated once; nothing grows with the steps, and the
+    hot path reads no tensor value on the host (the finite-gradient guard excepted). The state (:meth:`state_dict`) is saved in
     ``optimizer.state_dict()`` under the family's key ``"Refactorer"`` with the method's
     name, so a checkpoint restores only into the same method.
 
@@ -154,6 +164,10 @@ class Refactorer(PairTransform):
         self.initialized = False  # post-step methods: initial refactoring done
         self._warned = False
         self._groups: list[PairGroup] = make_groups(self.pairs, strategy)
+        # F10 layers seen since the last read, per group, on the device (see check_degenerate)
+        self._degenerate = [torch.zeros(len(g.pairs), dtype=torch.bool, device=g.device)
+                            for g in self._groups]
+        self._degenerate_read = False
 
     # -- F10: near-singular Grams -----------------------------------------------------------
     def _warn_once(self, group: PairGroup, bad: Tensor, what: str) -> None:
@@ -164,10 +178,37 @@ class Refactorer(PairTransform):
         shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
         warnings.warn(
             f"{self.method}: singular or near-singular LoRA Gram matrix in {shown or 'a layer'} "
-            f"at step {self.step_count} (e.g. the lora_B = 0 start); {what} (THEORY.md F10). "
+            f"at or before step {self.step_count} (e.g. the lora_B = 0 start); {what} "
+            "(THEORY.md F10). "
             "Consider warmup_steps or a balanced initialisation. Shown once.",
             theory.DegenerateGramWarning, stacklevel=4,
         )
+
+    def _record_degenerate(self, group: PairGroup, singular: Tensor) -> None:
+        """OR ``singular`` ``(L,)`` into the group's device-side mask (no host read)."""
+        if not self._warned:
+            flags = self._degenerate[self._groups.index(group)]
+            torch.logical_or(flags, singular, out=flags)
+
+    def check_degenerate(self, what: str = "damping keeps the result finite") -> bool:
+        """Read the device-side degenerate-Gram mask now (one host read per group) and give
+        the one-time :class:`~reflora_analysis.theory.DegenerateGramWarning` if any layer
+        was flagged since the last read; returns whether the warning has been given."""
+        for group, flags in zip(self._groups, self._degenerate):
+            if self._warned:
+                break
+            if bool(flags.any()):
+                self._warn_once(group, flags, what)
+            flags.zero_()
+        self._degenerate_read = True
+        return self._warned
+
+    def _degenerate_check_due(self, what: str) -> None:
+        """Call :meth:`check_degenerate` at the first active step and every
+        :data:`DEGENERATE_CHECK_EVERY` steps, until the warning has been given."""
+        if not self._warned and (not self._degenerate_read
+                                 or self.step_count % DEGENERATE_CHECK_EVERY == 0):
+            self.check_degenerate(what)
 
     def _singular_tol(self, group: PairGroup) -> float:
         return singular_tol(self.damping, group.rank, group.compute_dtype)
@@ -175,7 +216,10 @@ class Refactorer(PairTransform):
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """:meth:`PairTransform.state_dict` plus ``method``, ``damping``, ``initialized`` and
-        ``warned`` (plain Python, JSON-able)."""
+        ``warned`` (plain Python, JSON-able). Reads the degenerate-Gram mask first
+        (:meth:`check_degenerate`), so that ``warned`` is up to date."""
+        if not self._warned and any(f.numel() for f in self._degenerate):
+            self.check_degenerate()
         state = super().state_dict()
         state.update(method=self.method, damping=self.damping, initialized=self.initialized,
                      warned=self._warned)

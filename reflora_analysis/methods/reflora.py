@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .. import theory
 from ..pairs import find_lora_pairs
-from .gram import PairGroup, gram_trace, singular_tol
+from .gram import PairGroup, geometric_mean_and_inverse_batched, gram_trace, singular_tol
 from .refactoring import Refactorer
 from .transform import check_finite_grads
 
@@ -119,10 +119,16 @@ class RefLoRATransform(Refactorer):
     Notes
     -----
     ``S*`` and ``S*^{-1}`` come from one batched Cholesky + ``eigh`` per group
-    (:func:`reflora_preconditioners`, no explicit inverse). Host reads per step: two per
-    group in that function (its non-finite and degenerate checks; ``torch.linalg.eigh``
-    synchronises on CUDA anyway), one per group for the warning (reading the same degenerate
-    mask) until the warning has been given, and one for the fused finite check.
+    (:func:`~.gram.geometric_mean_and_inverse_batched`; same values as
+    :func:`reflora_preconditioners`); on accelerators an ``eigvalsh`` pass first decides the
+    F10 damping on the device, so the method reads nothing on the host (on a CPU, where a
+    read synchronises nothing, it reads the F10 mask instead of paying that pass). The
+    degenerate-Gram mask is accumulated on the device and read at the first active step,
+    every :data:`~.refactoring.DEGENERATE_CHECK_EVERY` steps and in :meth:`state_dict`,
+    until the warning has been given; the finite-gradient guard (``check_finite=True``,
+    the default) costs one host read per step. (On CUDA ``torch.linalg.eigh`` and
+    ``eigvalsh`` check their LAPACK status on the host internally; torch has no ``_ex``
+    form of them.)
 
     Cost per step: two Grams and two gradient products per layer, ``4 (m + n) r^2`` flops,
     plus one batched Cholesky + ``eigh`` per group (``benchmarks/refactor_overhead.py``;
@@ -146,20 +152,20 @@ class RefLoRATransform(Refactorer):
     def preconditioners(self, group: PairGroup) -> tuple[Tensor, Tensor]:
         """``S*`` and ``S*^{-1}`` for every layer of ``group``, ``(L, r, r)``, float64.
 
-        The F10 mask of :func:`reflora_preconditioners` (the layers that needed extra
-        damping) names the layers of the one-time warning.
+        From :func:`~.gram.geometric_mean_and_inverse_batched` (no host read on accelerators,
+        one on a CPU, where it synchronises nothing: ``group.sync_free``); its F10 mask
+        (the layers that needed extra damping) is accumulated on the device for the
+        one-time warning (:meth:`~.refactoring.Refactorer.check_degenerate`).
         """
         X, Y = group.compute_grams()
-        # the warning is ours (once, with layer names), so theory's own is switched off
-        S, S_inv, singular = reflora_preconditioners(
-            X, Y, damping=self.damping, singular_rtol=self._singular_tol(group), warn=False)
-        if not self._warned:  # one host read per group and step, until the warning is given
-            if self.damping > 0:
-                # user damping makes a zero Gram (the lora_B = 0 start) regular, yet RefLoRA
-                # still cannot leave that point (THEORY.md section 6): warn about it too
-                singular = singular | (gram_trace(X) <= 0) | (gram_trace(Y) <= 0)
-            if bool(singular.any()):
-                self._warn_once(group, singular, "damping keeps the result finite")
+        X64, Y64 = X.to(torch.float64), Y.to(torch.float64)
+        S, S_inv, singular = geometric_mean_and_inverse_batched(
+            X64, Y64, self.damping, self._singular_tol(group), sync_free=group.sync_free)
+        if self.damping > 0:
+            # user damping makes a zero Gram (the lora_B = 0 start) regular, yet RefLoRA
+            # still cannot leave that point (THEORY.md section 6): warn about it too
+            singular = singular | (gram_trace(X64) <= 0) | (gram_trace(Y64) <= 0)
+        self._record_degenerate(group, singular)
         return S, S_inv
 
     @torch.no_grad()
@@ -169,7 +175,9 @@ class RefLoRATransform(Refactorer):
             S, S_inv = self.preconditioners(group)
             cd = group.compute_dtype
             group.right_multiply_grads(S_inv.to(cd), S.to(cd), self.write_back, sums)
-        if sums and not bool(torch.isfinite(torch.stack([x.float() for x in sums])).all()):
+        self._degenerate_check_due("damping keeps the result finite")
+        # the finite-gradient guard (not part of the method): one host read per step
+        if sums and not bool(torch.isfinite(torch.stack([x.float() for x in sums]).sum())):
             # NaN/Inf in a gradient (or a product that overflowed): name the layer
             check_finite_grads(self.pairs, self.step_count)
 

@@ -49,6 +49,11 @@ def reflora_s_scales(norm_A: Tensor, norm_B: Tensor) -> tuple[Tensor, Tensor]:
     return 1.0 / p, p
 
 
+#: Row of ``(factor, power)`` in the transform's ``(6, L)`` scale table
+#: ``[p, 1/p, p^2, 1/p^2, 1/p, p]`` (the order of :func:`_scale_table`).
+_ROW = {("A", 1): 0, ("B", 1): 1, ("A", 2): 2, ("B", 2): 3, ("A", -1): 4, ("B", -1): 5}
+
+
 def _scale_table(inv_p: Tensor, p: Tensor) -> dict[tuple[str, int], Tensor]:
     """``(factor, power) -> scale``: gradients carry power 1, moments their
     :data:`MOMENT_POWERS`, and the weights themselves move by the inverse (power -1)."""
@@ -144,23 +149,26 @@ class RefLoRASTransform(WeightRefactorer):
     method = "reflora-s"
 
     def refactor_group(self, group: PairGroup, optimizer, with_grads: bool) -> None:
-        # 0-d per-layer scales, so one _foreach_mul_ per dtype needs no host read
-        scale = _scale_table(*reflora_s_scales(*group.factor_norms()))
-        cast: dict[tuple, tuple[Tensor, ...]] = {}
+        # one (6, L) table of per-layer scales, cast once per dtype and split into 0-d
+        # tensors, so one _foreach_mul_ per dtype rescales everything with no host read
+        inv_p, p = reflora_s_scales(*group.factor_norms())
+        table = torch.stack([p, inv_p, p * p, inv_p * inv_p, inv_p, p])
+        cast: dict[torch.dtype, tuple[Tensor, ...]] = {}
         buckets: dict[torch.dtype, tuple[list, list]] = {}
+        L = len(group.pairs)
 
         def add(t: Tensor, side: str, power: int, i: int) -> None:
-            key = (side, power, t.dtype)
-            if key not in cast:
-                cast[key] = scale[(side, power)].to(t.dtype).unbind(0)
-            tensors, scalars = buckets.setdefault(t.dtype, ([], []))
+            scalars = cast.get(t.dtype)
+            if scalars is None:
+                scalars = cast[t.dtype] = table.to(t.dtype).flatten().unbind(0)
+            tensors, chosen = buckets.setdefault(t.dtype, ([], []))
             tensors.append(t)
-            scalars.append(cast[key][i])
+            chosen.append(scalars[_ROW[(side, power)] * L + i])
 
         state = optimizer.state if optimizer is not None else {}
         for i, pair in enumerate(group.pairs):
             for side, param in (("A", pair.a), ("B", pair.b)):
-                add(param.data, side, -1, i)  # .data: also valid outside no_grad
+                add(param, side, -1, i)  # in place on the leaf: the hook runs under no_grad
                 if with_grads and param.grad is not None:
                     add(param.grad, side, 1, i)
                 for _, t, power in _moment_powers(state.get(param), param):

@@ -3,8 +3,14 @@ r"""The method registry: the one place where a method name is resolved and its f
 :data:`METHODS` maps every name to a :class:`MethodSpec`: how to build the method, its
 hyper-parameters (with defaults), its facts (paper, formula, invariance, state) and the family
 flags everything else asks for (``refactoring``, ``needs_pairs``, ``dora``, the transform
-class and its ``phase``, whether it attaches to any optimizer). :func:`get_method` is the only
-name lookup; nothing else spells a list of method names.
+class and its ``phase``, whether it attaches to any optimizer, the ``task_options`` it sets).
+:func:`get_method` is the only name lookup; nothing else spells a list of method names.
+
+Two methods change the model instead of the optimizer (:mod:`.peft_variants`): ``dora`` sets
+the task option ``use_dora=True`` and ``full`` sets ``full_finetune=True`` (every weight
+trained, no LoRA layers). :func:`method_task_options` merges a method's options into a
+task's (refusing a contradiction); :func:`optimizer_methods` lists the methods that set none
+and so run on every LoRA task, explicit (A, B) pairs included.
 
 Entry points built on it: :func:`build_optimizer` (a base optimizer plus the method's
 transform), :func:`make_method` (the transform alone, for an optimizer built elsewhere) and
@@ -13,7 +19,7 @@ transform), :func:`make_method` (the transform alone, for an optimizer built els
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
@@ -21,10 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from .balance import BalanceTransform
+from .balora import BALORA_HPARAMS, BaLoRATransform, build_balora
 from .base import BASE_OPTIMIZER_KWARGS, BASE_OPTIMIZERS, check_lr, resolve_trainables, uses_dora
 from .lora import DEFAULT_RATIO, build_lora, build_loraplus
 from .lora_pro import LoraProTransform, build_lora_pro
 from .lora_rite import LoraRiteTransform, attach_lora_rite, build_lora_rite
+from .peft_variants import build_dora, build_full, model_trainables
 from .refactoring import REFACTORING_HPARAMS, Refactorer, build_refactored
 from .reflora import RefLoRATransform
 from .reflora_s import RefLoRASTransform
@@ -40,6 +48,8 @@ __all__ = [
     "dora_methods",
     "get_method",
     "make_method",
+    "method_task_options",
+    "optimizer_methods",
     "pairless_methods",
     "refactoring_methods",
     "single_step_update",
@@ -65,6 +75,11 @@ class MethodSpec:
         Conv LoRA layers, whose factors have no such mapping).
     attach : ``attach(pairs, optimizer, **hparams) -> PairTransform`` for :func:`make_method`,
         or ``None`` when the method is tied to the optimizer :func:`build_optimizer` builds.
+    task_options : task options the method sets (``make_task`` overrides, e.g.
+        ``{"use_dora": True}``), merged by :func:`method_task_options`; empty for the
+        methods that only change the optimizer.
+    lora_layers : whether it trains LoRA layers (``False``: ``full``, which trains the
+        model's own weights, so no pairs are looked for).
     """
 
     name: str
@@ -76,10 +91,13 @@ class MethodSpec:
     refactoring: bool = False
     needs_pairs: bool = True
     attach: Callable[..., PairTransform] | None = None
+    task_options: dict[str, Any] = field(default_factory=dict)
+    lora_layers: bool = True
 
     @property
     def invariance(self) -> str:
-        """``"exact"`` | ``"first-order"`` | ``"scalar"`` | ``"none"`` (GL(r) invariance)."""
+        """``"exact"`` | ``"first-order"`` | ``"scalar"`` | ``"none"`` (GL(r) invariance), or
+        ``"n/a"`` where there is no factorization (``full``)."""
         return self.info["invariance"]
 
     @property
@@ -99,11 +117,12 @@ def _attach_transform(transform_cls: type[PairTransform], pairs, optimizer, **hp
 
 
 def _spec(name, build, hparams, *, paper, formula, invariance, state, notes, dora=True,
-          transform_cls=None, needs_pairs=True, attach=None):
+          transform_cls=None, needs_pairs=True, attach=None, task_options=None, lora_layers=True):
     info = {"paper": paper, "formula": formula, "invariance": invariance, "state": state,
             "notes": notes}
     return MethodSpec(name, build, dict(hparams), info, dora, transform_cls,
-                      refactoring=False, needs_pairs=needs_pairs, attach=attach)
+                      refactoring=False, needs_pairs=needs_pairs, attach=attach,
+                      task_options=dict(task_options or {}), lora_layers=lora_layers)
 
 
 def _refactoring_spec(transform_cls: type[Refactorer], *, paper, formula, invariance, state,
@@ -187,18 +206,51 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in [
         notes="Removes only the scalar gauge A -> aA, B -> B/a."),
     _refactoring_spec(
         BalanceTransform,
-        paper="balanced projection, cf. BaLoRA: Castin, Nadjahi, Ablin, Peyre, ICML 2026, "
-              "arXiv 2605.31484",
+        paper="balanced projection by the geometric mean (this project), not BaLoRA's SVD split "
+              "(that is method 'balora')",
         formula="after each step: (A, B) <- (A P, B P^-1), P = S*^(1/2) (A^T A = B^T B, same A B^T)",
         invariance="exact", state="none extra; O((m+n)r^2 + r^3) per step",
-        notes="With SGD and non-singular Grams in every layer the W trajectory equals "
+        notes="Balanced factors that differ from BaLoRA's SVD split by an r x r rotation: the same "
+              "W as balora and reflora with SGD, a different algorithm with AdamW. With SGD and "
+              "non-singular Grams in every layer the W trajectory equals "
               "reflora's (exact GL(r) invariance). Not from a singular start (PEFT's lora_B = 0): "
               "balance leaves layers with singular Grams unprojected while reflora's damped "
               "preconditioner still acts, so the trajectories differ (use warmup_steps). With "
               "AdamW the moments are not transformed (not invariant)."),
+    _spec("balora", build_balora, BALORA_HPARAMS,
+          paper="Castin, Nadjahi, Ablin, Peyre, BaLoRA, ICML 2026, arXiv 2605.31484 "
+                "(code vcastin/balora, callbacks.ProjectionCallback)",
+          formula="after each step: A B^T = U S V^T (thin SVD), A <- U S^(1/2), B <- V S^(1/2); "
+                  "columns aligned (signed permutation) with the factors they replace",
+          invariance="exact", state="none extra; O((m+n)r^2 + r^3) per step",
+          notes="BaLoRA's SVD split; Adam moments not transformed. With SGD from a non-singular "
+                "start the W trajectory equals reflora's (exact GL(r) invariance); with AdamW "
+                "not invariant, and not the same algorithm as 'balance'. Layers with a "
+                "rank-deficient product (A = 0 start) are projected only once it has full rank.",
+          transform_cls=BaLoRATransform, attach=partial(_attach_transform, BaLoRATransform)),
+    _spec("dora", build_dora, {},
+          paper="Liu et al., DoRA: Weight-Decomposed Low-Rank Adaptation, ICML 2024, "
+                "arXiv 2402.09353",
+          formula="W' = m (W0 + s A B^T) / ||W0 + s A B^T||_c; base optimizer on A, B and m",
+          invariance="none", state="base optimizer only (AdamW: 2((m+n)r + m))",
+          notes="PEFT LoraConfig(use_dora=True), set by the method (task option use_dora=true; "
+                "an explicit use_dora=false is refused). A, B and the magnitude vector m "
+                "(lora_magnitude_vector, initialised to ||W0||_c) are trained by the base "
+                "optimizer, as lora trains A and B. Other methods run on DoRA layers too "
+                "(--set use_dora=true).",
+          needs_pairs=False, task_options={"use_dora": True}),
+    _spec("full", build_full, {},
+          paper="full fine-tuning, the reference row of the LoRA papers' tables (e.g. Hu et "
+                "al. 2022; RefLoRA, arXiv 2505.18877)",
+          formula="W <- W - eta grad_W for every weight of the model (base optimizer)",
+          invariance="n/a", state="base optimizer over every weight (AdamW: 2 x model size)",
+          notes="Task option full_finetune=true, set by the method: no LoRA layers are attached "
+                "and every parameter (embeddings, encoder, head) is trained. No (A, B) pairs, so "
+                "the balance, consistency and bound probes refuse it; no GL(r) gauge exists.",
+          dora=False, needs_pairs=False, task_options={"full_finetune": True}, lora_layers=False),
 ]}
 
-#: ``{name: {"paper", "formula", "invariance" ("exact"|"first-order"|"scalar"|"none"), "state", "notes"}}``.
+#: ``{name: {"paper", "formula", "invariance" ("exact"|"first-order"|"scalar"|"none"|"n/a"), "state", "notes"}}``.
 METHOD_INFO: dict[str, dict[str, str]] = {name: dict(spec.info) for name, spec in METHODS.items()}
 
 
@@ -216,6 +268,31 @@ def get_method(method) -> MethodSpec:
     if name not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     return METHODS[name]
+
+
+def optimizer_methods() -> list[str]:
+    """Methods that set no task option (``MethodSpec.task_options`` empty): optimizers of the
+    LoRA factors, which run on every LoRA task and on explicit (A, B) pairs. The others
+    (``dora``, ``full``) need a task that offers their option."""
+    return [name for name, spec in METHODS.items() if not spec.task_options]
+
+
+def method_task_options(method, options=None) -> dict:
+    """The task options of a run of ``method``: ``options`` (``make_task`` overrides) with
+    the method's own (``MethodSpec.task_options``) added.
+
+    ``method_task_options("dora", {"lora_r": 4}) == {"lora_r": 4, "use_dora": True}``. An
+    option given with another value than the method's is one ``ValueError`` naming both,
+    e.g. ``use_dora=False`` with ``dora``; the same value is accepted.
+    """
+    spec = get_method(method)
+    merged = dict(options or {})
+    for key, value in spec.task_options.items():
+        if key in merged and merged[key] != value:
+            raise ValueError(f"task option {key}={merged[key]!r} contradicts method {spec.name!r}, "
+                             f"which sets {key}={value!r}; drop the option or choose another method")
+        merged[key] = value
+    return merged
 
 
 def refactoring_methods() -> list[str]:
@@ -292,7 +369,8 @@ def build_optimizer(method: str, model_or_pairs, optimizer: str = "sgd", lr: flo
             or not weight_decay >= 0:
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     base_kwargs, method_hparams = _split_hparams(spec, optimizer, hparams)
-    trainables = resolve_trainables(model_or_pairs, pairs, method=spec.name)
+    trainables = (resolve_trainables(model_or_pairs, pairs, method=spec.name) if spec.lora_layers
+                  else model_trainables(model_or_pairs, spec.name))
     if not spec.dora and uses_dora(trainables.model):
         others = dora_methods()
         raise ValueError(f"method {spec.name!r} is not available with DoRA (use_dora=True): "

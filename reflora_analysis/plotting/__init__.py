@@ -34,7 +34,7 @@ manifest that :mod:`reflora_analysis.figures` turns into ``figures/index.md``.
 The per-figure plotting functions (``plot_*``) take the plain data returned by
 :mod:`reflora_analysis.experiments` and return the matplotlib figure. One module per
 notebook (:mod:`.mf` 01, :mod:`.bounds` 02, :mod:`.consistency` 03, :mod:`.sharpness` 04,
-:mod:`.convergence` 05, :mod:`.overhead` 06), each with a ``publish_*`` function that
+:mod:`.convergence` 05 and 07, :mod:`.overhead` 06), each with a ``publish_*`` function that
 writes that notebook's figures (captions included): the notebook's last call.
 Shared: :mod:`.style` (colours, labels, matplotlib style), :mod:`.files` (atomic,
 reproducible files; ``figures.json``), :mod:`.lines` (median lines with bands).
@@ -45,7 +45,7 @@ from __future__ import annotations
 from .bounds import plot_bound_scan, plot_bound_tightness, publish_bounds
 from .consistency import (consistency_markdown, consistency_summary, plot_balance_trajectories,
                           plot_consistency, publish_consistency_balance)
-from .convergence import plot_convergence, publish_convergence
+from .convergence import publish_causal_lm, publish_convergence, publish_study
 from .files import publish, publish_markdown, save_figure, show
 from .lines import finite_or_nan
 from .mf import plot_mf_balance, plot_mf_loss, publish_mf
@@ -83,8 +83,9 @@ __all__ = [
     "plot_sharpness",
     "plot_landscape",
     "publish_sharpness_landscape",
-    "plot_convergence",
+    "publish_study",
     "publish_convergence",
+    "publish_causal_lm",
     "plot_overhead",
     "publish_overhead",
 ]

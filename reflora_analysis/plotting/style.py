@@ -22,6 +22,11 @@ METHOD_COLORS: dict[str, str] = {
     "reflora": "#D55E00",
     "reflora-s": "#E69F00",
     "balance": "#56B4E9",
+    # the baselines that change the model: DoRA in Okabe-Ito's reddish purple, full
+    # fine-tuning (the reference row) in a dark wine far from every LoRA method's hue
+    "dora": "#CC79A7",
+    "balora": "#8C564B",
+    "full": "#882255",
 }
 
 METHOD_LABELS: dict[str, str] = {
@@ -32,12 +37,16 @@ METHOD_LABELS: dict[str, str] = {
     "lora-pro": "LoRA-Pro",
     "reflora": "RefLoRA",
     "reflora-s": "RefLoRA-S",
-    "balance": "Balance (BaLoRA)",
+    "balance": "Balance (geometric mean)",
+    "balora": "BaLoRA",
+    "dora": "DoRA",
+    "full": "Full FT",
 }
 
 METHOD_MARKERS: dict[str, str] = {
     "lora": "o", "lora+": "v", "scaledgd": "s", "lora-rite": "D",
     "lora-pro": "^", "reflora": "*", "reflora-s": "P", "balance": "X",
+    "dora": "h", "full": "p", "balora": "d",
 }
 
 #: line styles for the first, second, ... step size of one method (paper: solid, dash-dot)

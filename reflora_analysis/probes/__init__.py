@@ -33,12 +33,13 @@ import torch
 
 from ._util import gradient_in_W, loss_and_grad_in_W, preserved_state, step_method
 from .balance import balance_stats, layer_balance
-from .bounds import (bound_line_scan, bound_probe_values, bound_step, estimate_smoothness,
-                     preconditioner_for)
+from .bounds import (DEFAULT_MARGIN, DEFAULT_POINTS, bound_line_scan, bound_probe_values,
+                     bound_step, check_smoothness_options, estimate_smoothness,
+                     preconditioner_for, single_layer)
 from .consistency import consistency_score, consistency_table, random_gl
 from .landscape import FlatSliceWarning, loss_landscape
 from .sharpness import (eigenvalue_density, hessian_trace, lanczos_top_eigenvalues,
-                        top_hessian_eigenvalue)
+                        per_layer_sharpness, top_hessian_eigenvalue)
 
 #: gradient_in_W's default ``max_width`` (the n x n identity it appends to B).
 GRADIENT_IN_W_MAX_WIDTH = inspect.signature(gradient_in_W).parameters["max_width"].default
@@ -47,7 +48,8 @@ __all__ = [
     "ProbeContext", "Probe", "BalanceProbe", "ConsistencyProbe", "SharpnessProbe", "BoundProbe",
     "available_probes", "make_probes", "supported_probes", "balance_stats", "layer_balance",
     "consistency_score", "consistency_table", "random_gl", "top_hessian_eigenvalue",
-    "lanczos_top_eigenvalues", "hessian_trace", "eigenvalue_density", "bound_step",
+    "lanczos_top_eigenvalues", "hessian_trace", "per_layer_sharpness", "eigenvalue_density",
+    "bound_step",
     "bound_line_scan", "estimate_smoothness", "preconditioner_for", "loss_landscape",
     "FlatSliceWarning", "gradient_in_W", "loss_and_grad_in_W", "step_method",
 ]
@@ -174,12 +176,21 @@ class ConsistencyProbe(Probe):
     NaN where the method's update is zero. ``consistency/degenerate_layers`` counts layers with
     a (numerically) rank-deficient factor, e.g. the B = 0 start: there every factorization
     ``(A P, B P^{-T})`` still has a singular Gram, S* exists only through damping, and the
-    score measures the damping rather than the method."""
+    score measures the damping rather than the method.
+
+    Where the score is taken matters: at the tasks' ``A ~ 0.01`` start (and PEFT's ``A = 0``)
+    the steps of LoRA and LoRA+ are both dominated by ``-eta G B B^T`` and score alike
+    (:mod:`.consistency`); probed along training the factors are generic.
+    ``consistency/norm_ratio`` (``sqrt(sum ||A||^2 / sum ||B||^2)`` over the probed layers)
+    says how far the point is from such a start. With ``per_layer=True`` also
+    ``consistency/<pair name>/score``."""
 
     name = "consistency"
 
-    def __init__(self, n_reparam: int = 8, seed: int = 0, max_layers: int | None = None):
+    def __init__(self, n_reparam: int = 8, seed: int = 0, max_layers: int | None = None,
+                 per_layer: bool = False):
         self.n_reparam, self.seed, self.max_layers = n_reparam, seed, max_layers
+        self.per_layer = bool(per_layer)
 
     @staticmethod
     def _single_layer(task) -> bool:
@@ -228,27 +239,40 @@ class ConsistencyProbe(Probe):
             sv = torch.linalg.svdvals(X.detach().to(torch.float64))
             return bool(sv[0] == 0 or sv[-1] <= sv.shape[0] * eps * float(sv[0]))
         degenerate = sum(deficient(pr.A) or deficient(pr.B) for pr in pairs)
-        return {"consistency/degenerate_layers": float(degenerate),
-                "consistency/method_active": float(ctx.active),
-                "consistency/score": max(finite) if finite else math.nan,
-                "consistency/score_mean": sum(finite) / len(finite) if finite else math.nan}
+        na2 = sum(float(pr.A.detach().double().square().sum()) for pr in pairs)
+        nb2 = sum(float(pr.B.detach().double().square().sum()) for pr in pairs)
+        out = {"consistency/degenerate_layers": float(degenerate),
+               "consistency/method_active": float(ctx.active),
+               "consistency/norm_ratio": math.sqrt(na2 / nb2) if nb2 > 0 else math.nan,
+               "consistency/score": max(finite) if finite else math.nan,
+               "consistency/score_mean": sum(finite) / len(finite) if finite else math.nan}
+        if self.per_layer:
+            out.update({f"consistency/{pr.name}/score": s for pr, s in zip(pairs, scores)})
+        return out
 
 
 class SharpnessProbe(Probe):
-    """``sharpness/lambda_max`` (Lanczos), ``residual``, ``converged``, ``trace`` and
-    ``trace_se`` (Hutch++, ``trace_samples`` HVPs; 0 skips it), ``hvps``.
+    """``sharpness/lambda_max`` (largest algebraic eigenvalue: scipy ``eigsh`` by default),
+    ``residual``, ``converged``; ``trace``, ``trace_se`` and the trace's Student t interval
+    ``trace_ci_low``, ``trace_ci_high`` at ``trace_confidence`` (Hutch++, ``trace_samples``
+    HVPs; 0 skips them); ``hvps``.
 
     The Hessian is taken w.r.t. the LoRA factors of ``task.pairs`` (``THEORY.md`` section 5);
     ``include_head=True`` takes every trainable parameter instead (e.g. a classifier head
-    trained beside LoRA).
+    trained beside LoRA). ``per_layer=True`` adds, for each pair ``<name>``, the Hessian block
+    of its own two factors (:func:`~.sharpness.per_layer_sharpness`):
+    ``sharpness/<name>/lambda_max``, ``/trace``, ``/trace_ci_low``, ``/trace_ci_high`` (one
+    more eigen-solve and trace per layer).
     """
 
     name = "sharpness"
 
     def __init__(self, tol: float = 1e-3, max_iter: int | None = None, trace_samples: int = 30,
-                 seed: int = 0, method: str = "lanczos", include_head: bool = False):
+                 seed: int = 0, method: str = "lanczos", include_head: bool = False,
+                 per_layer: bool = False, confidence: float = 0.95):
         self.tol, self.max_iter, self.trace_samples = tol, max_iter, trace_samples
         self.seed, self.method, self.include_head = seed, method, include_head
+        self.per_layer, self.confidence = bool(per_layer), confidence
 
     def parameters(self, task) -> list | None:
         """The variables of the Hessian: the LoRA factors, or ``None`` (every trainable one)."""
@@ -263,6 +287,8 @@ class SharpnessProbe(Probe):
             return "it needs task.model (an nn.Module) to take Hessian-vector products"
         if not any(p.requires_grad for p in model.parameters()):
             return "task.model has no parameter that requires grad"
+        if self.per_layer and not getattr(task, "pairs", None):
+            return "per_layer=True needs task.pairs (the LoRA layers)"
         return None
 
     def measure(self, ctx):
@@ -278,43 +304,86 @@ class SharpnessProbe(Probe):
         if self.trace_samples:
             tr, se, tinfo = hessian_trace(ctx.task.model, closure, n_samples=self.trace_samples,
                                           seed=self.seed, return_info=True, params=params,
-                                          progress=ctx.progress)
-            out.update({"sharpness/trace": tr, "sharpness/trace_se": se})
+                                          progress=ctx.progress, confidence=self.confidence)
+            out.update({"sharpness/trace": tr, "sharpness/trace_se": se,
+                        "sharpness/trace_ci_low": tinfo["ci_low"],
+                        "sharpness/trace_ci_high": tinfo["ci_high"],
+                        "sharpness/trace_confidence": tinfo["confidence"]})
             hvps += tinfo["hvps"]
-        out["sharpness/hvps"] = hvps
+        if self.per_layer:
+            for row in per_layer_sharpness(ctx.task.model, closure, ctx.task.pairs, tol=self.tol,
+                                           max_iter=self.max_iter, seed=self.seed,
+                                           trace_samples=self.trace_samples,
+                                           confidence=self.confidence, method=self.method,
+                                           progress=ctx.progress):
+                for key in ("lambda_max", "trace", "trace_ci_low", "trace_ci_high"):
+                    out[f"sharpness/{row['layer']}/{key}"] = row[key]
+                hvps += row["hvps"]
+        out["sharpness/hvps"] = float(hvps)
         return out
 
 
 class BoundProbe(Probe):
-    """F8 at the current iterate of a single-layer task: ``bound/loss``, ``next_loss``
-    (after one SGD step at ``ctx.lr`` of the method, or of ``lora`` while its transform is
-    inactive: ``bound/method_active``), ``U_exact``, ``U_relaxed`` (NaN outside lora /
-    reflora / reflora-s / balance), ``slack_exact``, ``L``, ``L_estimated``, ``hvps``. The
-    bound concerns the method's SGD step whatever ``ctx.optimizer`` is."""
+    """F8 at the current iterate (``probes.bounds``): ``bound/loss``, ``next_loss`` (after one
+    SGD step at ``ctx.lr`` of the method, or of ``lora`` while its transform is inactive:
+    ``bound/method_active``), ``U_exact``, ``U_relaxed`` (NaN outside lora / reflora /
+    reflora-s / balance), ``slack_exact``, ``L`` and how it was obtained (``L_estimated``: 0
+    for the task's known constant, 1 for a segment estimate; ``L_sampled``, ``L_margin``,
+    ``L_points``, ``L_hessian``, ``hvps``), ``L_needed`` (the smallest ``L`` for which
+    ``U_exact`` holds), ``violations`` (1 if the next loss exceeds ``U_exact`` by more than
+    ``violation_tol``, else 0: sum them over steps) and ``layers``.
+
+    Single-layer tasks with ``loss_in_W`` use it (float64, ``curvature`` ``"directional"`` or
+    ``"hessian"``); any other task with ``task.model`` holding its LoRA factors gets the joint
+    bound over every layer (``joint_bound_step``: the step's batch, eval mode, directional
+    curvature only; ``U_relaxed`` only with ``relaxed=True``, since its per-layer nuclear and
+    spectral norms dominate the cost there). ``L`` unknown: estimated on the step's segment
+    at ``points`` points with a safety ``margin``. The bound concerns the method's SGD step whatever
+    ``ctx.optimizer`` is."""
 
     name = "bound"
 
+    def __init__(self, curvature: str = "directional", points: int = DEFAULT_POINTS,
+                 margin: float = DEFAULT_MARGIN, seed: int = 0, relaxed: bool | None = None):
+        check_smoothness_options(curvature, points, margin)
+        self.curvature, self.points, self.margin, self.seed = curvature, points, margin, seed
+        self.relaxed = relaxed
+
     def requirements(self, task):
         why = super().requirements(task)
-        if why:
+        if why or single_layer(task):
             return why
-        has_loss_in_W = getattr(task, "loss_in_W", None) is not None
-        if not has_loss_in_W or len(task.pairs) != 1:
-            return (f"it needs a single-layer task with loss_in_W (mf, sensing, "
-                    f"lowrank-regression); this one has {len(task.pairs)} LoRA layer(s) and "
-                    f"{'a' if has_loss_in_W else 'no'} loss_in_W")
+        model = getattr(task, "model", None)
+        if not isinstance(model, torch.nn.Module):
+            return ("it needs a single-layer task with loss_in_W (mf, sensing, "
+                    "lowrank-regression) or task.model (an nn.Module holding the LoRA factors)")
+        if self.curvature != "directional":
+            return (f"curvature {self.curvature!r} needs a single-layer task with loss_in_W; "
+                    "on a model with several LoRA layers use curvature='directional'")
+        held = {id(p) for p in model.parameters()}
+        if not all(id(t) in held for p in task.pairs for t in p.params):
+            return "task.model does not hold the LoRA factors of task.pairs"
+        wide = [p for p in task.pairs if p.shape[1] > GRADIENT_IN_W_MAX_WIDTH]
+        if wide:
+            return (f"layer {wide[0].name} has n = {wide[0].shape[1]} > {GRADIENT_IN_W_MAX_WIDTH} "
+                    "inputs, too wide for gradient_in_W (it widens B by an n x n identity)")
         return None
 
     def measure(self, ctx):
         method, hparams = ctx.step_method()
-        out = bound_probe_values(ctx.task, method, ctx.lr, **hparams)
+        out = bound_probe_values(ctx.task, method, ctx.lr, loss_closure=ctx.loss_closure(),
+                                 curvature=self.curvature, points=self.points,
+                                 margin=self.margin, seed=self.seed, relaxed=self.relaxed,
+                                 **hparams)
         out.pop("bound/seconds", None)
         out["bound/method_active"] = float(ctx.active)
         return out
 
 
+from .health import HealthProbe  # noqa: E402  (after Probe: it subclasses it)
+
 _PROBES = {"balance": BalanceProbe, "consistency": ConsistencyProbe,
-           "sharpness": SharpnessProbe, "bound": BoundProbe}
+           "sharpness": SharpnessProbe, "bound": BoundProbe, "health": HealthProbe}
 
 
 def available_probes() -> list[str]:

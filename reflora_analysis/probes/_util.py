@@ -11,7 +11,9 @@ import contextlib
 import sys
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
+from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 
 LossClosure = Callable[[], Tensor]
@@ -138,6 +140,7 @@ class HessianOperator:
     memory) under the math attention backend, and counts itself in
     ``hvps``. Vectors are float64; they are cast to the parameter dtype for the product, so the
     Lanczos recurrences stay float64 whatever the model's dtype.
+    :meth:`as_linear_operator` wraps it for ``scipy.sparse.linalg`` (``eigsh``, ``lobpcg``).
     """
 
     def __init__(self, loss_closure: LossClosure, params: Sequence[Tensor],
@@ -194,6 +197,73 @@ class HessianOperator:
         if self.progress is not None:
             self.progress.update(1)
         return flatten([torch.zeros_like(p) if h is None else h for p, h in zip(self.params, hv)])
+
+    def as_linear_operator(self, budget: int | None = None,
+                           record_bytes: int = 0) -> "SymmetricTorchOperator":
+        """This Hessian as a float64 ``scipy.sparse.linalg.LinearOperator`` on numpy vectors
+        (each product is one :meth:`matvec`, counted in ``hvps`` as well)."""
+        return SymmetricTorchOperator(self.matvec, self.dim, self.device, budget=budget,
+                                      record_bytes=record_bytes)
+
+
+class SolverStopped(RuntimeError):
+    """Raised through a scipy solver to stop it; its recorded products are used instead."""
+
+
+class ProductBudgetExhausted(SolverStopped):
+    """Raised by :class:`SymmetricTorchOperator` when a solver asks for more products than
+    its ``budget``."""
+
+
+class SymmetricTorchOperator(LinearOperator):
+    """A symmetric ``scipy.sparse.linalg.LinearOperator`` (float64, ``dim x dim``) over a torch
+    matrix-vector product ``matvec(v: Tensor (dim,)) -> Tensor (dim,)``.
+
+    Counts its products in ``products``; refuses (:class:`ProductBudgetExhausted`) the product
+    after ``budget`` of them; records every ``(v, H v)`` pair in ``inputs``/``outputs`` while
+    they fit in ``record_bytes`` (then ``recorded`` turns ``False`` and the records are
+    dropped), so a Rayleigh-Ritz step can reuse them without new products. ``monitor()``, if
+    set, runs after each recorded product and may raise :class:`SolverStopped` (e.g. when the
+    recorded products already meet a convergence criterion).
+    """
+
+    def __init__(self, matvec: Callable[[Tensor], Tensor], dim: int, device=None,
+                 budget: int | None = None, record_bytes: int = 0):
+        super().__init__(dtype=np.float64, shape=(int(dim), int(dim)))
+        self._torch_matvec = matvec
+        self.device = device
+        self.budget = budget
+        self.products = 0
+        self.recorded = 16 * int(dim) <= record_bytes
+        self._record_bytes = record_bytes
+        self.inputs: list[np.ndarray] = []
+        self.outputs: list[np.ndarray] = []
+        self.monitor: Callable[[], None] | None = None
+
+    def _matvec(self, x):
+        if self.budget is not None and self.products >= self.budget:
+            raise ProductBudgetExhausted(f"{self.budget} products used")
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float64).reshape(-1))
+        v = torch.from_numpy(x).to(self.device)
+        hv = self._torch_matvec(v).detach().to(torch.float64).cpu().numpy().reshape(-1)
+        self.products += 1
+        if self.recorded:
+            if 16 * x.size * (len(self.inputs) + 1) <= self._record_bytes:
+                self.inputs.append(x.copy())
+                self.outputs.append(hv.copy())
+                if self.monitor is not None:
+                    self.monitor()
+            else:  # too large to keep: the caller pays explicit products for residuals
+                self.recorded = False
+                self.inputs.clear()
+                self.outputs.clear()
+        return hv
+
+    def _matmat(self, X):
+        return np.stack([self._matvec(X[:, j]) for j in range(X.shape[1])], axis=1)
+
+    def _adjoint(self):
+        return self  # a Hessian is symmetric
 
 
 def _widened(pair, extra_A: Tensor, extra_B: Tensor) -> tuple[Tensor, Tensor]:

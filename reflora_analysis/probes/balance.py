@@ -22,7 +22,7 @@ import torch
 from ..pairs import LoraPair, find_lora_pairs
 from ..theory import balance_gap, gram
 
-__all__ = ["layer_balance", "balance_stats"]
+__all__ = ["layer_balance", "balance_stats", "per_layer_balance"]
 
 
 def layer_balance(A: torch.Tensor, B: torch.Tensor) -> dict:
@@ -62,3 +62,12 @@ def balance_stats(model_or_pairs) -> dict:
         "gap_mean": sum(gaps) / len(gaps),
         "gap_max": max(gaps),
     }
+
+
+def per_layer_balance(model_or_pairs) -> dict[str, list]:
+    r"""Per-pair balance as aligned lists, in pair order (for per-layer figures):
+    ``{"names", "gap", "norm_ratio", "norm_diff"}`` (:func:`layer_balance` of every pair)."""
+    pairs: list[LoraPair] = find_lora_pairs(model_or_pairs)
+    rows = [layer_balance(p.A, p.B) for p in pairs]
+    return {"names": [p.name for p in pairs], **{k: [r[k] for r in rows]
+                                                 for k in ("gap", "norm_ratio", "norm_diff")}}

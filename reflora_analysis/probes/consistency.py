@@ -12,6 +12,15 @@ the gradient ``G = grad_fn(W)`` evaluated at each factorization's product.
 ``P_i = U_i diag(d_i) V_i^T`` with Haar-random orthogonal ``U_i, V_i`` and ``d_i`` log-uniform
 in ``[0.5, 2]``: condition number at most 4, so round-off does not masquerade as
 non-invariance (float64 scores of exact methods are ~1e-14).
+
+**Where to measure.** At a start with ``||A|| << ||B||`` (the single-layer tasks start at
+``A ~ 0.01``, PEFT at ``A = 0``) every step is dominated by its ``A`` update
+``-eta G B B^T``: LoRA's ``dW ~ -eta G B B^T`` and LoRA+'s ``dW ~ -ratio eta G B B^T`` then have
+the same *relative* spread (both score 1.0734 on ``mf``, to five digits), so a score taken
+there cannot tell such methods apart. :func:`trajectory_consistency` measures at generic
+points instead: along the method's own SGD trajectory, once the factors have grown;
+:func:`consistency_table` at random Gaussian factors. The spread of whole trajectories under
+AdamW is :mod:`.consistency_training`.
 """
 
 from __future__ import annotations
@@ -22,10 +31,12 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..methods import available_methods, get_method, single_step_update
+from ..methods import get_method, single_step_update
+from ..methods.registry import optimizer_methods
 from ._util import SCHEDULE_HPARAMS
 
-__all__ = ["random_gl", "consistency_score", "consistency_table", "step_update"]
+__all__ = ["random_gl", "consistency_score", "consistency_table", "step_update",
+           "trajectory_consistency"]
 
 
 def random_gl(r: int, *, generator: torch.Generator, dtype=torch.float64,
@@ -123,7 +134,8 @@ def consistency_table(methods: Sequence[str] | None = None, *, m: int = 30, n: i
     method name to its hyper-parameters (e.g. ``{"scaledgd": {"damping": 0.0}}``). Returns
     ``{method: {"median": ..., "max": ..., "invariance": the registry's claim}}``.
     """
-    methods = available_methods() if methods is None else [get_method(m).name for m in methods]
+    # None: the methods that act on (A, B) pairs alone (not dora/full, which change the model)
+    methods = optimizer_methods() if methods is None else [get_method(m).name for m in methods]
     gen = torch.Generator().manual_seed(int(seed))
     problems = []
     for _ in range(n_problems):
@@ -140,3 +152,49 @@ def consistency_table(methods: Sequence[str] | None = None, *, m: int = 30, n: i
         table[name] = {"median": scores[len(scores) // 2], "max": scores[-1],
                        "invariance": get_method(name).invariance}
     return table
+
+
+def trajectory_consistency(method: str, A: Tensor, B: Tensor, grad_fn: Callable[[Tensor], Tensor],
+                           *, steps: int, lr: float, every: int = 1, n_reparam: int = 4,
+                           seed: int = 0, **hparams) -> dict[str, list]:
+    r""":func:`consistency_score` of ``method`` at the points of its own SGD trajectory.
+
+    From ``(A, B)`` the method takes ``steps`` SGD steps at ``lr`` (gradients
+    ``grad_A = G B``, ``grad_B = G^T A`` with ``G = grad_fn(A B^T)``; its transform and schedule
+    included, as :func:`~reflora_analysis.methods.build_optimizer` builds it); at steps
+    ``0, every, 2 every, ...`` the score of one step from the current factors is taken
+    (``hparams`` without the schedule). Returns ``{"step", "score", "norm_ratio"}`` with
+    ``norm_ratio = ||A||_F / ||B||_F`` (how far from the ``||A|| << ||B||`` start the point is);
+    a step where the update is zero scores NaN. A diverging run (non-finite factors) stops.
+    """
+    from torch import nn
+
+    from ..methods import build_optimizer
+
+    if not isinstance(steps, int) or steps < 0 or not isinstance(every, int) or every < 1:
+        raise ValueError(f"steps must be an int >= 0 and every an int >= 1, got {steps!r}, {every!r}")
+    method = get_method(method).name
+    a, b = nn.Parameter(A.detach().clone()), nn.Parameter(B.detach().clone())
+    opt, _ = build_optimizer(method, [(a, b)], optimizer="sgd", lr=lr, **hparams)
+    point_hparams = {k: v for k, v in hparams.items() if k not in SCHEDULE_HPARAMS}
+    out: dict[str, list] = {"step": [], "score": [], "norm_ratio": []}
+    for t in range(steps + 1):
+        A_t, B_t = a.detach(), b.detach()
+        if not (bool(torch.isfinite(A_t).all()) and bool(torch.isfinite(B_t).all())):
+            break
+        if t % every == 0:
+            try:
+                score = consistency_score(method, A_t, B_t, grad_fn, n_reparam=n_reparam,
+                                          seed=seed, lr=lr, **point_hparams)
+            except ValueError as exc:
+                if "zero update" not in str(exc):
+                    raise
+                score = math.nan
+            out["step"].append(t)
+            out["score"].append(score)
+            out["norm_ratio"].append(float(A_t.norm() / B_t.norm()))
+        if t < steps:
+            G = grad_fn(A_t @ B_t.T).to(A_t.dtype)
+            a.grad, b.grad = G @ B_t, G.T @ A_t
+            opt.step()
+    return out

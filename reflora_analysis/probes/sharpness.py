@@ -4,24 +4,31 @@ The Hessian ``H = d^2 l / d theta^2`` over the parameters of ``model`` that requ
 (for a PEFT model: the LoRA factors, plus any trainable head), or over the ``params`` given
 (``probes.SharpnessProbe`` passes the LoRA factors, ``THEORY.md`` section 5), is accessed
 only through Hessian-vector products (double backward, forward recomputed per product, math
-attention backend, eval mode).
+attention backend, eval mode), wrapped as a ``scipy.sparse.linalg.LinearOperator``.
 
-* :func:`top_hessian_eigenvalue` -- ``lambda_max(H)`` by our Lanczos (full
-  reorthogonalisation, float64 tridiagonal, residual stop) or by a wrapper around
-  PyHessian 0.1's power iteration.
+* :func:`top_hessian_eigenvalue` -- the largest *algebraic* eigenvalue(s) ``lambda_max(H)``
+  by scipy's ``eigsh`` (ARPACK Lanczos) or ``lobpcg`` (block, for repeated eigenvalues), with a
+  residual per eigenpair (:mod:`.hessian_spectrum`), or by PyHessian 0.1's power iteration on
+  the shifted ``H + c I`` (it finds the largest *magnitude* otherwise).
 * :func:`hessian_trace` -- ``tr H`` by Hutch++ (Meyer, Musco, Musco, Woodruff 2021) or
-  Hutchinson, with a standard error.
+  Hutchinson, with a standard error and a Student t confidence interval (:mod:`.trace`).
+* :func:`per_layer_sharpness` -- both per LoRA pair (the Hessian block of its two factors).
 * :func:`eigenvalue_density` -- the spectral density by stochastic Lanczos quadrature
   (Lin, Saad, Yang 2016; Ghorbani, Krishnan, Xiao 2019), Gaussian-broadened.
 
 Known answer (``THEORY.md`` F9): for ``f(A, B) = 1/2 ||A B^T - Y||_F^2`` at a minimiser
 (``A B^T = Y`` of rank r) the Hessian is ``J^T J`` with ``J(dA, dB) = dA B^T + A dB^T`` and
-``lambda_max = sigma_max(A)^2 + sigma_max(B)^2`` (``2 sigma_1(Y)`` when balanced).
+``lambda_max = sigma_max(A)^2 + sigma_max(B)^2`` (``2 sigma_1(Y)`` when balanced). At the
+balanced minimiser its eigenvalues are ``sigma_i + sigma_j`` (``i, j <= r``; each ``i != j``
+twice) and ``sigma_i`` (multiplicity ``m + n - 2r``): ``sigma = (5, 3)`` gives ``[10, 8, 8, 6,
+5, ...]``, a repeated eigenvalue.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import math
 import time
 import warnings
@@ -32,106 +39,71 @@ import torch
 from scipy.linalg import eigh_tridiagonal
 from torch import Tensor, nn
 
-from ._util import (HessianOperator, LossClosure, evaluate_loss, math_attention,
-                    preserved_state, progress_bar, trainable_parameters)
+from ._util import (HessianOperator, LossClosure, SymmetricTorchOperator, evaluate_loss,
+                    math_attention, preserved_state, progress_bar, trainable_parameters)
+from .hessian_spectrum import RECORD_BYTES, check_positive_int, default_budget, top_eigenpairs
+from .trace import TRACE_METHODS, rademacher, trace_estimate
 
 __all__ = ["lanczos_top_eigenvalues", "top_hessian_eigenvalue", "hessian_trace",
-           "eigenvalue_density"]
+           "per_layer_sharpness", "eigenvalue_density", "METHODS"]
 
+#: ``method`` of :func:`top_hessian_eigenvalue`: ``"lanczos"`` and ``"eigsh"`` are the same
+#: (scipy ``eigsh``, ARPACK's implicitly restarted Lanczos); ``"auto"`` is ``eigsh`` for
+#: ``k = 1`` and the block ``lobpcg`` for ``k > 1``.
+METHODS = ("auto", "lanczos", "eigsh", "lobpcg", "pyhessian")
 
-def _check_positive_int(name, value, minimum=1):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+_check_positive_int = check_positive_int
+_rademacher = rademacher
 
 
 def _tridiagonal_eigh(alphas, betas):
-    """Eigenpairs (ascending) of the symmetric tridiagonal T (diagonal alphas, off-diagonal betas).
-
-    LAPACK's tridiagonal solver: ~10x faster than a dense ``eigh`` on small T, which matters
-    because it runs once per Lanczos step.
-    """
+    """Eigenpairs (ascending) of the symmetric tridiagonal T (diagonal alphas, off-diagonal
+    betas), by LAPACK's tridiagonal solver (for the SLQ quadrature of :func:`eigenvalue_density`)."""
     if len(alphas) == 1:
         return np.array(alphas, dtype=np.float64), np.ones((1, 1))
     return eigh_tridiagonal(np.asarray(alphas, dtype=np.float64),
                             np.asarray(betas[: len(alphas) - 1], dtype=np.float64))
 
 
+def _solver_operator(matvec, dim: int, k: int, max_iter, device=None) -> SymmetricTorchOperator:
+    """The LinearOperator a solve runs on: at most ``max_iter`` products in all (default
+    :func:`~.hessian_spectrum.default_budget`), recording them for free residuals; when the
+    records may not fit in ``RECORD_BYTES``, ``k`` products are kept back for the residuals."""
+    budget = default_budget(dim, k) if max_iter is None else int(max_iter)
+    check_positive_int("max_iter", budget, minimum=1)
+    if 16 * dim * budget > RECORD_BYTES:
+        if budget <= k:
+            raise ValueError(f"max_iter={budget} leaves no product for the solver after the "
+                             f"{k} residual products (the problem is too large to record)")
+        budget -= k
+    return SymmetricTorchOperator(matvec, dim, device, budget=budget, record_bytes=RECORD_BYTES)
+
+
 def lanczos_top_eigenvalues(matvec, dim: int, *, k: int = 1, tol: float = 1e-3,
-                            max_iter: int | None = None, seed: int = 0,
-                            device=None, callback=None) -> dict:
-    r"""Largest ``k`` eigenvalues of a symmetric operator by Lanczos with full reorthogonalisation.
+                            max_iter: int | None = None, seed: int = 0, device=None,
+                            callback=None, solver: str = "eigsh") -> dict:
+    r"""Largest ``k`` algebraic eigenvalues of a symmetric operator, by scipy.
 
-    After ``j`` steps, ``Q_j^T H Q_j = T_j`` (tridiagonal, float64) with Ritz pairs
-    ``(theta_i, Q_j s_i)``; the residual of each is exactly
-    ``||H Q_j s_i - theta_i Q_j s_i|| = |beta_j e_j^T s_i|`` and bounds the distance from
-    ``theta_i`` to the spectrum. Iteration stops when, for each of the top ``k`` Ritz values,
-    ``|beta_j e_j^T s_i| <= tol * |theta_i|``, or when ``beta_j`` vanishes (an invariant
-    subspace: the Ritz values are exact). Both reorthogonalisation passes ("twice is enough")
-    keep ``Q`` orthonormal to round-off, so no spurious copies appear.
+    ``matvec``: float64 torch vector ``(dim,)`` -> ``(dim,)``. ``solver="eigsh"`` (ARPACK's
+    implicitly restarted Lanczos, ``which="LA"``) or ``"lobpcg"`` (a block of ``k`` vectors:
+    finds repeated eigenvalues, see :mod:`.hessian_spectrum`). Stops when every Ritz pair has
+    ``||H v_i - theta_i v_i|| <= tol |theta_i|`` (which bounds the relative error; the true
+    error is usually far smaller, ``<= residual^2 / gap``) or after ``max_iter`` products
+    (default ``max(300, 20 k)``), returning its best estimate
+    with ``converged = False``. ``callback(products, values, residuals)`` is called once at
+    the end.
 
-    Parameters
-    ----------
-    matvec : callable, float64 vector (dim,) -> (dim,)
-    dim : int
-    k : int
-        Number of largest (algebraic) eigenvalues.
-    tol : float
-        Relative residual bound (the true relative error is usually far smaller:
-        ``|theta - lambda| <= residual^2 / gap``).
-    max_iter : int, optional
-        Default ``min(dim, max(300, 20 k))``.
-    callback : callable, optional
-        Called after every step with ``(iteration, values, residuals)`` (e.g. to show progress).
-
-    Returns
-    -------
-    dict with ``values`` (descending, list of k floats), ``residuals``, ``hvps``, ``converged``,
-    ``iterations``.
+    Returns dict with ``values`` (descending, list of k floats), ``residuals``, ``hvps``,
+    ``converged``, ``iterations`` (= ``hvps``), ``solver``, ``block``.
     """
-    _check_positive_int("k", k)
-    if not tol > 0:
-        raise ValueError(f"tol must be > 0, got {tol!r}")
-    if k > dim:
-        raise ValueError(f"k={k} exceeds the number of parameters {dim}")
-    max_iter = min(dim, max(300, 20 * k)) if max_iter is None else min(int(max_iter), dim)
-    _check_positive_int("max_iter", max_iter, minimum=k)
-    gen = torch.Generator().manual_seed(int(seed))
-    q = torch.randn(dim, generator=gen, dtype=torch.float64).to(device)
-    q /= q.norm()
-    Q = torch.empty(max_iter + 1, dim, dtype=torch.float64, device=device)
-    Q[0] = q
-    alphas: list[float] = []
-    betas: list[float] = []
-    values, residuals, converged, hvps = [], [], False, 0
-    for j in range(max_iter):
-        w = matvec(Q[j]).to(torch.float64)
-        hvps += 1
-        alpha = float(w @ Q[j])
-        alphas.append(alpha)
-        basis = Q[: j + 1]
-        for _ in range(2):  # full reorthogonalisation, twice
-            w = w - basis.T @ (basis @ w)
-        beta = float(w.norm())
-        theta, S = _tridiagonal_eigh(alphas, betas)
-        top = min(k, j + 1)
-        values = theta[::-1][:top].tolist()
-        residuals = (abs(beta) * np.abs(S[-1, ::-1][:top])).tolist()
-        if callback is not None:
-            callback(j + 1, values, residuals)
-        scale = max(abs(values[0]), np.finfo(np.float64).tiny)
-        invariant = beta <= 1e-12 * max(scale, abs(alpha))
-        if top == k and (invariant or all(res <= tol * max(abs(v), 1e-300)
-                                          for v, res in zip(values, residuals))):
-            converged = True
-            if invariant:
-                residuals = [0.0] * top
-            break
-        if invariant:  # Krylov space exhausted before k values: restart is not worth it here
-            break
-        betas.append(beta)
-        Q[j + 1] = w / beta
-    return {"values": values, "residuals": residuals, "hvps": hvps, "converged": converged,
-            "iterations": len(alphas)}
+    check_positive_int("k", k)
+    if not (isinstance(tol, (float, int)) and tol > 0):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    op = _solver_operator(matvec, int(dim), k, max_iter, device)
+    info = top_eigenpairs(op, k, tol=float(tol), solver=solver, seed=seed)
+    if callback is not None:
+        callback(info["hvps"], info["values"], info["residuals"])
+    return info
 
 
 def _variables(model: nn.Module, params) -> list[Tensor]:
@@ -188,16 +160,18 @@ class _ClosureAsModel(nn.Module):
 
 
 @contextlib.contextmanager
-def _pyhessian_hvp_counter(counter: list):
-    import sys
-
-    import pyhessian  # noqa: F401  (loads the submodule; its name is shadowed by the class)
-    ph = sys.modules["pyhessian.hessian"]
+def _pyhessian_hvp_counter(counter: list, shift: float = 0.0):
+    """Count PyHessian's Hessian-vector products in ``counter[0]``; with ``shift = c`` they
+    become products with ``H + c I`` (PyHessian's power iteration then sees the shifted
+    spectrum)."""
+    # the submodule (its name is shadowed by the class in the package namespace)
+    ph = importlib.import_module("pyhessian.hessian")
     original = ph.hessian_vector_product
 
-    def counted(*args, **kwargs):
+    def counted(gradsH, params, v):
         counter[0] += 1
-        return original(*args, **kwargs)
+        hv = original(gradsH, params, v)
+        return hv if shift == 0 else tuple(h + shift * x for h, x in zip(hv, v))
 
     ph.hessian_vector_product = counted
     try:
@@ -206,74 +180,117 @@ def _pyhessian_hvp_counter(counter: list):
         ph.hessian_vector_product = original
 
 
-def _pyhessian_top(model, loss_closure, params, k, tol, max_iter, seed, pyhessian_tol):
-    r"""PyHessian 0.1 power iteration, made to reach the accuracy asked for.
+def _pyhessian_power(model, loss_closure, params, k, max_iter, seed, ph_tol, shift, counter):
+    """One call of PyHessian 0.1's ``eigenvalues(top_n=k)`` on ``H + shift I``; returns the
+    unit eigenvectors as flat float64 tensors (its eigenvalues are recomputed by the caller)."""
+    from pyhessian import hessian as PyHessian
+    dtype, device = params[0].dtype, params[0].device
+    old_default = torch.get_default_dtype()
+    dummy = (torch.zeros(1, device=device), torch.zeros(1, device=device))
+    with torch.random.fork_rng(devices=[]), math_attention(), \
+            _pyhessian_hvp_counter(counter, shift):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)  # PyHessian draws its start vectors in the default dtype
+        try:
+            with warnings.catch_warnings():
+                # PyHessian calls backward(create_graph=True); we clear those grads below.
+                warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
+                ph = PyHessian(_ClosureAsModel(model, loss_closure), criterion=lambda out, _y: out,
+                               data=dummy, cuda=device.type == "cuda")
+                _, vecs = ph.eigenvalues(maxIter=max_iter, tol=ph_tol, top_n=k)
+        finally:
+            torch.set_default_dtype(old_default)
+    for p in params:  # PyHessian's backward(create_graph=True) left graph-carrying grads
+        p.grad = None
+    flat = [torch.cat([x.detach().reshape(-1).to(torch.float64) for x in vec]) for vec in vecs]
+    return [v / v.norm() for v in flat]
 
-    PyHessian stops when the eigenvalue changes by less than ``tol`` (relative) between two
-    iterations; the error is then about ``change / (1 - lambda_2 / lambda_1)``, far above
-    ``tol`` on gapped spectra (``PROBES.md``: 4e-3 error at its default 1e-3 on gap 0.9).
-    So we run it at ``pyhessian_tol`` (default ``tol^2``, i.e. 1e-6 for 1e-3), then check the
-    residual ``||H v - theta v|| <= tol |theta|`` with one more HVP (the same criterion as our
-    Lanczos); while it fails, PyHessian is rerun with a 10x tighter tolerance (down to 1e-12).
-    PyHessian draws float32 start vectors with ``torch.randn``: the default dtype is set to the
-    parameters' dtype while it runs so float64 problems stay float64. It finds the largest
-    *magnitude* eigenvalue (power iteration), not the largest algebraic one.
+
+def _pyhessian_certified(model, loss_closure, params, op, k, tol, max_iter, seed, ph_tol, shift,
+                         counter):
+    r"""PyHessian's power iteration on ``H + shift I``, rerun with a 10x tighter ``tol`` (down
+    to 1e-12) until every Rayleigh quotient ``theta = v^T H v`` (of ``H``, unshifted) has the
+    residual ``||H v - theta v|| <= tol |theta|`` (one product each)."""
+    attempts = 0
+    while True:
+        attempts += 1
+        vecs = _pyhessian_power(model, loss_closure, params, k, max_iter, seed + attempts - 1,
+                                ph_tol, shift, counter)
+        values, residuals = [], []
+        for v in vecs:
+            hv = op.matvec(v)
+            theta = float(v @ hv)
+            values.append(theta)
+            residuals.append(float((hv - theta * v).norm()))
+        ok = all(res <= tol * abs(lam) for lam, res in zip(values, residuals))
+        if ok or ph_tol <= 1e-12:
+            return values, residuals, ok, ph_tol, attempts
+        ph_tol /= 10
+
+
+def _pyhessian_top(model, loss_closure, params, k, tol, max_iter, seed, pyhessian_tol):
+    r"""The largest *algebraic* eigenvalue(s) by PyHessian 0.1's power iteration.
+
+    Power iteration finds the largest-*magnitude* eigenvalue ``mu`` (on an indefinite Hessian
+    possibly negative: -38.91 where ``lambda_max`` = 8.56, issue 14). So: first ``mu``; if
+    ``k = 1`` and ``mu >= 0`` it is ``lambda_max``; otherwise PyHessian runs again on
+    ``H + c I`` with ``c = |mu| (1 + 2 tol)`` ``>= -lambda_min`` (``|mu|`` is the spectral radius),
+    whose spectrum is ``>= 0``, so its largest-magnitude eigenvalues are the largest algebraic
+    ones of ``H`` plus ``c``. PyHessian stops on the relative step-to-step change, an error
+    of about ``change / (1 - lambda_2 / lambda_1)``, far above its ``tol`` on gapped spectra
+    (``PROBES.md``); each run therefore starts at ``pyhessian_tol`` (default ``tol^2``) and is
+    tightened until the residual bound holds (:func:`_pyhessian_certified`). Vectors and the
+    start are drawn in the parameters' dtype, so float64 problems stay float64.
     """
-    try:
-        from pyhessian import hessian as PyHessian
-    except ImportError as exc:  # pragma: no cover
-        raise ImportError("method='pyhessian' needs the pyhessian package") from exc
+    if importlib.util.find_spec("pyhessian") is None:  # pragma: no cover
+        raise ImportError("method='pyhessian' needs the pyhessian package")
     dtype = params[0].dtype
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"method='pyhessian' needs float32 or float64 parameters (it draws its "
                          f"vectors in the default dtype), got {dtype}; use method='lanczos'")
     op = HessianOperator(loss_closure, params)
-    ph_tol = tol * tol if pyhessian_tol is None else float(pyhessian_tol)
     counter = [0]
-    old_default = torch.get_default_dtype()
-    wrapper = _ClosureAsModel(model, loss_closure)
-    device = params[0].device
-    dummy = (torch.zeros(1, device=device), torch.zeros(1, device=device))
-    attempts = 0
-    while True:
-        attempts += 1
-        with torch.random.fork_rng(devices=[]), math_attention(), _pyhessian_hvp_counter(counter):
-            torch.manual_seed(seed + attempts - 1)
-            torch.set_default_dtype(dtype)
-            try:
-                with warnings.catch_warnings():
-                    # PyHessian calls backward(create_graph=True); we clear those grads below.
-                    warnings.filterwarnings("ignore", message="Using backward.. with create_graph")
-                    ph = PyHessian(wrapper, criterion=lambda out, _y: out, data=dummy,
-                                   cuda=device.type == "cuda")
-                    vals, vecs = ph.eigenvalues(maxIter=max_iter, tol=ph_tol, top_n=k)
-            finally:
-                torch.set_default_dtype(old_default)
-            for p in params:  # PyHessian's backward(create_graph=True) left graph-carrying grads
-                p.grad = None
-        residuals = []
-        for lam, vec in zip(vals, vecs):
-            v = torch.cat([x.detach().reshape(-1).to(torch.float64) for x in vec])
-            v = v / v.norm()
-            hv = op.matvec(v)
-            theta = float(v @ hv)
-            residuals.append(float((hv - theta * v).norm()))
-        ok = all(res <= tol * abs(lam) for lam, res in zip(vals, residuals))
-        if ok or ph_tol <= 1e-12:
-            break
-        ph_tol /= 10
-    order = np.argsort(vals)[::-1]
-    return {"values": [float(vals[i]) for i in order], "residuals": [residuals[i] for i in order],
-            "hvps": counter[0] + op.hvps, "converged": ok, "iterations": counter[0],
-            "pyhessian_tol": ph_tol, "attempts": attempts}
+    ph_tol = tol * tol if pyhessian_tol is None else float(pyhessian_tol)
+    run = lambda n, shift: _pyhessian_certified(  # noqa: E731
+        model, loss_closure, params, op, n, tol, max_iter, seed, ph_tol, shift, counter)
+    values, residuals, ok, final_tol, attempts = run(1, 0.0)
+    magnitude, shift = values[0], 0.0
+    if k > 1 or magnitude < 0:
+        shift = abs(magnitude) * (1 + 2 * tol)
+        values, residuals, ok, final_tol, more = run(k, shift)
+        attempts += more
+    order = np.argsort(values)[::-1]
+    return {"values": [float(values[i]) for i in order],
+            "residuals": [residuals[i] for i in order], "hvps": counter[0] + op.hvps,
+            "converged": ok, "iterations": counter[0], "pyhessian_tol": final_tol,
+            "attempts": attempts, "largest_magnitude": magnitude, "shift": shift,
+            "solver": "pyhessian", "block": False}
 
 
-def top_hessian_eigenvalue(model: nn.Module, loss_closure: LossClosure, method: str = "lanczos",
+def _check_method(method: str, k: int) -> str:
+    """The solver behind ``method`` (:data:`METHODS`) for ``k`` eigenvalues."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(repr(m) for m in METHODS)}")
+    if method == "auto":
+        return "eigsh" if k == 1 else "lobpcg"
+    return "eigsh" if method == "lanczos" else method
+
+
+def _ordered_for_pyhessian(model: nn.Module, params: list) -> list:
+    """PyHessian takes the model's grad-requiring parameters in the model's order."""
+    order = {id(p): i for i, p in enumerate(model.parameters())}
+    if any(id(p) not in order for p in params):
+        raise ValueError("method='pyhessian' needs params that are parameters of model")
+    return sorted(params, key=lambda p: order[id(p)])
+
+
+def top_hessian_eigenvalue(model: nn.Module, loss_closure: LossClosure, method: str = "auto",
                            k: int = 1, tol: float = 1e-3, max_iter: int | None = None,
                            return_info: bool = False, seed: int = 0,
                            pyhessian_tol: float | None = None, recompute_forward: bool = True,
                            params: Sequence[Tensor] | None = None, progress: bool = False):
-    r"""Largest eigenvalue(s) of the Hessian of ``loss_closure()`` w.r.t. the trainable parameters.
+    r"""Largest algebraic eigenvalue(s) of the Hessian of ``loss_closure()`` w.r.t. the
+    trainable parameters.
 
     Parameters
     ----------
@@ -282,36 +299,46 @@ def top_hessian_eigenvalue(model: nn.Module, loss_closure: LossClosure, method: 
         any trainable head), unless ``params`` is given.
     loss_closure : callable () -> scalar tensor
         Recomputes the loss with ``model`` (called once per Hessian-vector product).
-    method : {"lanczos", "pyhessian"}
-        ``"lanczos"``: :func:`lanczos_top_eigenvalues`, largest algebraic eigenvalues, stopped
-        on the residual bound ``|beta_j e_j^T s| <= tol |theta|``. ``"pyhessian"``: PyHessian
-        0.1's power iteration (largest magnitude), wrapped for any model and the CPU, with its
-        stopping tolerance tightened until the same residual bound holds (see ``_pyhessian_top``).
+    method : {"auto", "lanczos", "eigsh", "lobpcg", "pyhessian"}
+        ``"lanczos"`` = ``"eigsh"``: scipy's ``eigsh(which="LA")`` on the HVP operator.
+        ``"lobpcg"``: scipy's block LOBPCG (``largest=True``, block of ``k``), which also finds
+        repeated eigenvalues (``"eigsh"``, one start vector, may miss a copy for ``k > 1``:
+        at the balanced minimiser of F9 it returns ``[10, 8, 6]`` for ``[10, 8, 8]``, see
+        :mod:`.hessian_spectrum`). ``"auto"`` (default): ``"eigsh"`` for ``k = 1``,
+        ``"lobpcg"`` for ``k > 1``. Both stop when every pair has ``||H v_i - theta_i v_i|| <=
+        tol |theta_i|``, with residuals from the recorded products. ``"pyhessian"``: PyHessian
+        0.1's power iteration made to return the largest *algebraic* eigenvalues (a spectral
+        shift) to the same residual bound (:func:`_pyhessian_top`).
     k : int
         Number of eigenvalues; ``k = 1`` returns a float, ``k > 1`` a descending list.
     tol : float
         Relative residual bound, which bounds the relative error.
     max_iter : int, optional
-        Lanczos steps (default ``min(dim, 300)``), or PyHessian iterations per eigenvalue
+        Most Hessian-vector products of the solve, residuals included (default ``max(300,
+        20 k)``); the best estimate so far is returned,
+        ``converged = False``, when they run out. PyHessian: iterations per eigenvalue
         (default 1000).
     return_info : bool
-        Also return a dict: ``residual`` (list), ``hvps``, ``converged``, ``iterations``,
-        ``seconds``.
+        Also return a dict: ``value``, ``values`` (list), ``residual`` (float for ``k = 1``,
+        else a list), ``hvps``, ``converged``, ``iterations``, ``solver`` (``"eigsh"``,
+        ``"lobpcg"``, ``"dense"`` for tiny problems, ``"pyhessian"``), ``block``, ``seconds``;
+        PyHessian adds ``largest_magnitude`` (what power iteration converges to), ``shift``,
+        ``pyhessian_tol``, ``attempts``.
     seed : int
-        Start vector.
+        Start vector(s).
     pyhessian_tol : float, optional
         PyHessian's own stopping tolerance to start from (default ``tol^2``).
     recompute_forward : bool
-        Lanczos only: recompute the forward pass for every product (default; memory of one
-        double backward) or keep one gradient graph (one backward per product, faster on
-        small models, PyHessian's choice).
+        Recompute the forward pass for every product (default; memory of one double
+        backward) or keep one gradient graph (one backward per product, faster on small
+        models, PyHessian's choice).
     params : sequence of tensors, optional
         The variables of the Hessian (e.g. the LoRA factors only, ``[t for p in pairs for t in
         p.params]``); default every parameter of ``model`` that requires grad. The other
         parameters are held constant. ``"pyhessian"`` needs them to be parameters of ``model``.
     progress : bool
-        Lanczos only: a tqdm bar on stderr counting the Hessian-vector products (up to
-        ``max_iter``; it stops early on convergence) with the current estimate and residual.
+        A tqdm bar on stderr counting the Hessian-vector products (up to ``max_iter``; it
+        stops early on convergence).
 
     Notes
     -----
@@ -319,33 +346,29 @@ def top_hessian_eigenvalue(model: nn.Module, loss_closure: LossClosure, method: 
     ``requires_grad`` and the train/eval mode of every module are restored exactly.
     Cost: one forward and one double backward per Hessian-vector product.
     """
-    if method not in ("lanczos", "pyhessian"):
-        raise ValueError(f"unknown method {method!r}; valid: 'lanczos', 'pyhessian'")
-    _check_positive_int("k", k)
+    check_positive_int("k", k)
+    solver = _check_method(method, k)
     if not (isinstance(tol, (float, int)) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     params = _variables(model, params)
-    if method == "pyhessian":  # PyHessian takes the model's grad-requiring parameters in order
-        order = {id(p): i for i, p in enumerate(model.parameters())}
-        if any(id(p) not in order for p in params):
-            raise ValueError("method='pyhessian' needs params that are parameters of model")
-        params = sorted(params, key=lambda p: order[id(p)])
+    if solver == "pyhessian":
+        params = _ordered_for_pyhessian(model, params)
     start = time.perf_counter()
     with _probing(model, params):
-        if method == "lanczos":
-            dim = sum(p.numel() for p in params)
-            total = min(dim, max(300, 20 * k)) if max_iter is None else min(int(max_iter), dim)
-            with progress_bar(progress, total, "sharpness: Lanczos lambda_max") as bar:
-                op = HessianOperator(loss_closure, params, recompute_forward=recompute_forward,
-                                     progress=bar)
-
-                def show(_j, vals, res):
-                    bar.set_postfix(lam=f"{vals[0]:.4g}", res=f"{res[0]:.2g}", refresh=False)
-                info = lanczos_top_eigenvalues(op.matvec, op.dim, k=k, tol=tol, max_iter=max_iter,
-                                               seed=seed, device=op.device, callback=show)
-        else:
+        if solver == "pyhessian":
             info = _pyhessian_top(model, loss_closure, params, k, tol,
                                   1000 if max_iter is None else int(max_iter), seed, pyhessian_tol)
+        else:
+            dim = sum(p.numel() for p in params)
+            total = default_budget(dim, k) if max_iter is None else int(max_iter)
+            label = "Lanczos" if solver == "eigsh" else "LOBPCG"
+            with progress_bar(progress, total, f"sharpness: {label} lambda_max") as bar:
+                op = HessianOperator(loss_closure, params, recompute_forward=recompute_forward,
+                                     progress=bar)
+                info = lanczos_top_eigenvalues(op.matvec, op.dim, k=k, tol=tol,
+                                               max_iter=max_iter, seed=seed, device=op.device,
+                                               solver=solver)
+                info["hvps"] = op.hvps
     info["seconds"] = time.perf_counter() - start
     info["residual"] = info.pop("residuals")
     values = info["values"]
@@ -356,59 +379,110 @@ def top_hessian_eigenvalue(model: nn.Module, loss_closure: LossClosure, method: 
     return (value, info) if return_info else value
 
 
-def _rademacher(shape, gen, device):
-    return (torch.randint(0, 2, shape, generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
-            ).to(device)
-
-
 def hessian_trace(model: nn.Module, loss_closure: LossClosure, n_samples: int = 99,
                   method: str = "hutch++", seed: int = 0, return_info: bool = False,
-                  params: Sequence[Tensor] | None = None, progress: bool = False):
-    r"""``tr H`` with a standard error, from ``n_samples`` Hessian-vector products.
+                  params: Sequence[Tensor] | None = None, progress: bool = False,
+                  confidence: float = 0.95):
+    r"""``tr H`` with a standard error and a confidence interval, from ``n_samples`` HVPs.
 
     ``"hutchinson"``: ``mean_i z_i^T H z_i`` over Rademacher ``z_i``; standard error
-    ``std / sqrt(n)``. ``"hutch++"`` (Meyer et al. 2021): with ``n = 3 s``, ``Q = orth(H S)``
-    for Rademacher ``S`` (n x s, s HVPs), then ``tr(Q^T H Q)`` (s HVPs, exact) plus Hutchinson
-    on the deflated ``(I - Q Q^T) H (I - Q Q^T)`` with the remaining s vectors; the standard
-    error is that of the Hutchinson part (the low-rank part has none given ``Q``). For
-    indefinite Hessians read the result as an absolute error +- standard error.
+    ``std / sqrt(n)``. ``"hutch++"`` (Meyer et al. 2021): with ``s = n // 3`` (at most ``(n - 2) // 2``: two
+    random samples at least), ``Q = orth(H S)``
+    for Rademacher ``S`` (s HVPs), then ``tr(Q^T H Q)`` (s HVPs, exact) plus Hutchinson on the
+    deflated ``(I - Q Q^T) H (I - Q Q^T)`` with the remaining ``n - 2 s`` vectors; the standard
+    error is that of the Hutchinson part (the low-rank part is exact given ``Q``). The interval
+    is the two-sided Student t interval of the Hutchinson part's mean (``n_h - 1`` degrees of
+    freedom), shifted by the exact part, at ``confidence`` (:mod:`.trace` explains why it, and
+    not +-2 standard errors, holds its coverage). For indefinite Hessians read the result as an
+    absolute error.
 
     ``params``: the variables (default every parameter of ``model`` that requires grad), as in
     :func:`top_hessian_eigenvalue`. ``progress``: a tqdm bar on stderr counting the
     ``n_samples`` Hessian-vector products.
 
-    Returns ``(estimate, standard_error)`` (and an info dict with ``hvps``, ``seconds`` when
-    ``return_info``).
+    Returns ``(estimate, standard_error)``, and with ``return_info`` an info dict: ``ci_low``,
+    ``ci_high`` (the interval: draw it as a band or error bar), ``confidence``, ``dof``,
+    ``low_rank``, ``hvps``, ``seconds``.
     """
-    if method not in ("hutch++", "hutchinson"):
+    if method not in TRACE_METHODS:
         raise ValueError(f"unknown trace method {method!r}; valid: 'hutch++', 'hutchinson'")
-    _check_positive_int("n_samples", n_samples, minimum=3 if method == "hutch++" else 2)
+    check_positive_int("n_samples", n_samples, minimum=2)
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
     params = _variables(model, params)
     start = time.perf_counter()
-    gen = torch.Generator().manual_seed(int(seed))
     with _probing(model, params), progress_bar(progress, n_samples,
                                                f"sharpness: trace ({method})") as bar:
         op = HessianOperator(loss_closure, params, progress=bar)
-        d = op.dim
-        if method == "hutchinson":
-            Z = _rademacher((n_samples, d), gen, op.device)
-            samples = torch.stack([z @ op.matvec(z) for z in Z])
-            low_rank = 0.0
-        else:
-            s = n_samples // 3
-            n_g = n_samples - 2 * s
-            S = _rademacher((s, d), gen, op.device)
-            HS = torch.stack([op.matvec(x) for x in S])
-            Q, _ = torch.linalg.qr(HS.T)  # d x s
-            low_rank = float(sum(q @ op.matvec(q) for q in Q.T))
-            Z = _rademacher((n_g, d), gen, op.device)
-            Z = Z - (Z @ Q) @ Q.T
-            samples = torch.stack([z @ op.matvec(z) for z in Z])
-        estimate = low_rank + float(samples.mean())
-        n_h = len(samples)
-        se = float(samples.std(unbiased=True) / math.sqrt(n_h)) if n_h > 1 else float("inf")
-    info = {"hvps": op.hvps, "seconds": time.perf_counter() - start}
+        out = trace_estimate(op.matvec, op.dim, n_samples, method, seed=seed, device=op.device,
+                             confidence=confidence)
+    info = {k: out[k] for k in ("ci_low", "ci_high", "confidence", "dof", "low_rank")}
+    info.update(hvps=op.hvps, seconds=time.perf_counter() - start)
+    estimate, se = out["estimate"], out["standard_error"]
     return (estimate, se, info) if return_info else (estimate, se)
+
+
+def per_layer_sharpness(model: nn.Module, loss_closure: LossClosure, pairs, *,
+                        tol: float = 1e-3, max_iter: int | None = None, seed: int = 0,
+                        trace_samples: int = 30, confidence: float = 0.95,
+                        method: str = "auto", progress: bool = False) -> list[dict]:
+    r"""Sharpness of each LoRA pair alone: the Hessian restricted to that pair's two factors.
+
+    For pair ``i`` the variables are its stored factors ``(a_i, b_i)`` (``pair.params``); every
+    other parameter is held constant, so the Hessian is the diagonal block
+    ``H_ii = d^2 l / d(a_i, b_i)^2`` of the full LoRA Hessian (its eigenvalues interlace the
+    full one's: ``lambda_max(H_ii) <= lambda_max(H)``). At a balanced minimiser of a
+    single-layer ``1/2 ||A B^T - Y||^2`` this is ``2 sigma_1(Y)`` (``THEORY.md`` F9).
+
+    Parameters
+    ----------
+    pairs : sequence of ``LoraPair`` (``find_lora_pairs(model)``, ``task.pairs``)
+    tol, max_iter, seed, method
+        As :func:`top_hessian_eigenvalue` (per layer).
+    trace_samples : int
+        Hutch++ samples per layer for :func:`hessian_trace` (0 skips the trace: its keys are
+        then NaN).
+    confidence : float
+        Nominal coverage of the trace interval.
+
+    Returns
+    -------
+    list of dict, one per pair, in order, with keys
+    ``layer`` (str, ``pair.name``), ``index`` (int), ``m``, ``n``, ``rank`` (ints),
+    ``lambda_max`` (float), ``residual`` (float, ``||H v - lambda v||``), ``converged``
+    (bool), ``trace``, ``trace_se``, ``trace_ci_low``, ``trace_ci_high`` (floats),
+    ``confidence`` (float), ``hvps`` (int, eigenvalue + trace) and ``seconds`` (float).
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
+    _check_positive_int("trace_samples", trace_samples, minimum=0)
+    pairs = list(pairs)
+    if not pairs:
+        raise ValueError("pairs is empty; nothing to probe")
+    rows = []
+    for i, pair in enumerate(pairs):
+        start = time.perf_counter()
+        params = list(pair.params)
+        value, info = top_hessian_eigenvalue(model, loss_closure, method=method, tol=tol,
+                                             max_iter=max_iter, return_info=True, seed=seed,
+                                             params=params, progress=progress)
+        row = {"layer": pair.name, "index": i, "m": int(pair.shape[0]), "n": int(pair.shape[1]),
+               "rank": int(pair.rank), "lambda_max": float(value),
+               "residual": float(info["residual"]), "converged": bool(info["converged"]),
+               "trace": math.nan, "trace_se": math.nan, "trace_ci_low": math.nan,
+               "trace_ci_high": math.nan, "confidence": float(confidence),
+               "hvps": int(info["hvps"])}
+        if trace_samples:
+            tr, se, tinfo = hessian_trace(model, loss_closure, n_samples=trace_samples,
+                                          seed=seed, return_info=True, params=params,
+                                          progress=progress)
+            row.update(trace=float(tr), trace_se=float(se),
+                       trace_ci_low=float(tinfo.get("ci_low", math.nan)),
+                       trace_ci_high=float(tinfo.get("ci_high", math.nan)),
+                       hvps=row["hvps"] + int(tinfo["hvps"]))
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+    return rows
 
 
 def eigenvalue_density(model: nn.Module, loss_closure: LossClosure, n_v: int = 4,

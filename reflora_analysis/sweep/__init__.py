@@ -38,14 +38,20 @@ The statistics (lr selection on validation, report on test, paired verdicts, spe
 :mod:`reflora_analysis.stats`; :func:`summarize` applies them to a sweep folder and
 :func:`tune_then_test` runs the two-stage protocol.
 
+Where the runs execute: :mod:`.backends` (this process or a local process pool, or Ray
+tasks on a cluster: ``run_sweep(..., backend="ray")``, ``with use_backend(RayBackend(address=
+"auto")): tune_then_test(...)``, ``reflora-analysis sweep ... --backend ray``); the results
+table is the same whichever backend ran the runs.
+
 Layout: :mod:`.settings` (argument checks, ``sweep.json``), :mod:`.runs` (run ids, one run,
-the grid, :func:`run_sweep`), :mod:`.table` (the results table), :mod:`.protocol`
-(:func:`summarize`, :func:`tune_then_test`), :mod:`.commandline` (the ``sweep``
-sub-command). Every public name is importable from here.
+the grid, :func:`run_sweep`), :mod:`.backends` (where the runs execute), :mod:`.table` (the
+results table), :mod:`.protocol` (:func:`summarize`, :func:`tune_then_test`),
+:mod:`.commandline` (the ``sweep`` sub-command). Every public name is importable from here.
 """
 
 from __future__ import annotations
 
+from .backends import LocalBackend, RayBackend, make_backend, use_backend
 from .commandline import add_arguments, command, main
 from .protocol import MIN_TEST_SEEDS, MIN_TUNE_SEEDS, summarize, tune_then_test
 from .runs import evaluate_splits, run_id, run_sweep
@@ -54,4 +60,4 @@ from .table import RESULT_COLUMNS, load_curves, load_results
 
 __all__ = ["run_id", "run_sweep", "tune_then_test", "summarize", "load_results", "load_curves",
            "evaluate_splits", "add_arguments", "command", "RESULT_COLUMNS", "MIN_TUNE_SEEDS",
-           "MIN_TEST_SEEDS"]
+           "MIN_TEST_SEEDS", "LocalBackend", "RayBackend", "make_backend", "use_backend"]

@@ -3,6 +3,10 @@ runs them (``reflora-analysis sweep`` or ``python -m reflora_analysis.sweep``, :
 
 Lists are comma-separated (``--lrs 0.01,0.03``); ``--set`` / ``--hparam`` take ``KEY=VALUE``
 with the value read as JSON when it parses (``3``, ``0.5``, ``true``), else as a string.
+
+``--backend ray [--address ADDR]`` runs the runs as Ray tasks (:mod:`.backends`), e.g. on a
+cluster started with ``ray start`` or under SLURM; the results table is the same as with the
+default ``--backend local``.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from .backends import BACKENDS, make_backend, use_backend
 from .protocol import summarize, tune_then_test
 from .runs import run_sweep
 from .table import load_results
@@ -60,7 +65,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(validation), then rerun it on these seeds (>= 5) and report on test")
     parser.add_argument("--steps", required=True, type=int, help="optimizer updates per run")
     parser.add_argument("--out", required=True, help="sweep directory (resumable)")
-    parser.add_argument("--jobs", type=int, default=1, help="parallel runs (default 1)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="parallel runs: the local process pool's size (default 1); with "
+                             "--backend ray, at most this many runs in flight (default: as many "
+                             "as the cluster takes)")
+    parser.add_argument("--backend", choices=BACKENDS, default="local",
+                        help="where the runs execute: local (this machine) or ray (Ray tasks; "
+                             "pip install 'reflora-analysis[ray]')")
+    parser.add_argument("--address", default=None,
+                        help="with --backend ray: the Ray cluster to join (e.g. auto, "
+                             "ray://head:10001); default RAY_ADDRESS, else a local Ray")
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     parser.add_argument("--quick", action="store_true", help="task's small settings")
@@ -88,13 +102,24 @@ def command(args: argparse.Namespace) -> int:
     Prints ``summary.md`` on stdout. Exit status 0, or 1 when some run failed (an error
     other than divergence; rerun the same command to retry it). Bad input raises ValueError.
     """
+    ray = args.backend == "ray"
+    backend = make_backend(args.backend, address=args.address,
+                           max_in_flight=args.jobs if ray else None)
     task_options = dict(args.settings)
     if args.quick:
         task_options["quick"] = True
     baseline = None if str(args.baseline).lower() == "none" else args.baseline
-    common = dict(optimizer=args.optimizer, jobs=args.jobs, task_options=task_options,
+    jobs = 1 if ray or args.jobs is None else args.jobs  # the local pool's size
+    common = dict(optimizer=args.optimizer, jobs=jobs, task_options=task_options,
                   hparams=dict(args.hparams), progress=not args.no_progress, device=args.device,
                   checkpoint_every=args.checkpoint_every)
+    with use_backend(backend):
+        summary = _run(args, baseline, common)
+    return _print_outcome(Path(args.out), summary)
+
+
+def _run(args: argparse.Namespace, baseline: str | None, common: dict) -> dict | None:
+    """The sweep or the two-stage protocol; the summary, or None with one seed."""
     out = Path(args.out)
     if args.test_seeds is not None:
         if baseline is None:
@@ -114,6 +139,11 @@ def command(args: argparse.Namespace) -> int:
         else:
             print("reflora-analysis: one seed: no intervals, no summary (results in "
                   f"{out / 'results.csv'})", file=sys.stderr)
+    return summary
+
+
+def _print_outcome(out: Path, summary: dict | None) -> int:
+    """``summary.md`` on stdout, a one-line count on stderr; 1 when some run failed."""
     if summary is not None:
         print((out / "summary.md").read_text(encoding="utf-8"), end="")
     rows = load_results(out)

@@ -87,7 +87,8 @@ def tune_then_test(task: str, methods: Sequence[str], lrs: Sequence[float],
                    hparams: Mapping | None = None, metric: str | None = None,
                    direction: str | None = None, baseline: str = "lora",
                    report_split: str = "auto", progress: bool = True, device: str = "cpu",
-                   checkpoint_every: int | None = None, confidence: float = 0.95) -> dict:
+                   checkpoint_every: int | None = None, confidence: float = 0.95,
+                   demonstration: bool = False) -> dict:
     """The two-stage protocol; both stages resumable, all files in ``out_dir``.
 
     1. run ``methods x lrs x tune_seeds`` (>= 3 seeds); per method choose the lr on the
@@ -98,14 +99,18 @@ def tune_then_test(task: str, methods: Sequence[str], lrs: Sequence[float],
 
     Writes ``results.*``, ``summary.csv``, ``summary.md`` and ``protocol.json`` (grid, chosen
     lrs, rules). Returns ``{"rows", "protocol"}`` as :func:`summarize`.
+
+    ``demonstration=True`` lifts the seed minimums (at least one tune seed and the two report
+    seeds an interval needs remain) for a pipeline demonstration such as a notebook's quick
+    mode; ``protocol.json`` records ``"demonstration": true``: such numbers decide nothing.
     """
     lrs = check_list("lrs", lrs, check_lr)
     tune_seeds = check_list("tune_seeds", tune_seeds, check_seed)
     test_seeds = check_list("test_seeds", test_seeds, check_seed)
-    if len(tune_seeds) < MIN_TUNE_SEEDS:
+    if len(tune_seeds) < MIN_TUNE_SEEDS and not demonstration:
         raise ValueError(f"tune_then_test needs at least {MIN_TUNE_SEEDS} distinct tune seeds "
                          f"(--seeds), got {tune_seeds}")
-    if len(test_seeds) < MIN_TEST_SEEDS:
+    if len(test_seeds) < MIN_TEST_SEEDS and not demonstration:
         raise ValueError(f"tune_then_test needs at least {MIN_TEST_SEEDS} distinct test seeds "
                          f"(--test-seeds), got {test_seeds}")
     s = prepare(task, methods, optimizer, steps, out_dir, task_options=task_options,
@@ -128,7 +133,7 @@ def tune_then_test(task: str, methods: Sequence[str], lrs: Sequence[float],
                             report_split=report_split, chosen_lrs=chosen, confidence=confidence)
     settings = read_json_or_none(s.out_dir / "sweep.json") or {}
     _write_summary(s.out_dir, summary, {
-        "protocol": "tune_then_test", "settings": settings,
+        "protocol": "tune_then_test", "demonstration": bool(demonstration), "settings": settings,
         "grid": {"methods": methods, "lrs": lrs, "tune_seeds": tune_seeds,
                  "test_seeds": test_seeds, "reused_seeds": sorted(set(tune_seeds) & set(test_seeds))},
         "stages": ["1: methods x lrs x tune_seeds; lr chosen per method on validation",

@@ -1,4 +1,5 @@
-"""Running a sweep's grid: one folder per run, resumable, in this process or a process pool.
+"""Running a sweep's grid: one folder per run, resumable, on a backend (:mod:`.backends`:
+this process, a local process pool, or Ray tasks on a cluster).
 
 Run ids are deterministic and readable: ``{task}__{method}__{optimizer}__lr{lr:g}__s{seed}``
 (:func:`run_id`). A run is *done* when its ``result.json`` says ``finished`` or ``diverged``
@@ -7,19 +8,20 @@ other run is resumed from its checkpoint or, without one, restarted from step 0 
 log removed first); a run that ``failed`` is retried by the next invocation.
 
 Each run (:func:`_execute`): ``train.seed_everything(seed)``, ``make_task(task, seed=seed,
-**task_options)``, ``train.run(..., log_every=1, eval_every=0)``, then
+**task_options)`` (plus the method's own options, ``methods.method_task_options``: ``dora``
+-> ``use_dora``, ``full`` -> ``full_finetune``), ``train.run(..., log_every=1, eval_every=0)``, then
 :func:`evaluate_splits`; the outcome goes to ``result.json``. Divergence and other
 exceptions are recorded, never raised; after every run the results table is rewritten.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..io import atomic_write_json
+from .backends import Backend, current_backend, make_backend
 from .settings import GridSettings, check_list, check_lr, check_seed, pin_settings, prepare
 from .table import as_stored, read_json_or_none, write_table
 
@@ -62,11 +64,6 @@ def is_done(run_dir: Path) -> bool:
             and meta.get("status") == _DONE[result["status"]])
 
 
-def _worker_init(threads: int) -> None:
-    import torch
-    torch.set_num_threads(threads)
-
-
 def _execute(spec: dict) -> str:
     """Train and evaluate one run described by ``spec``; write its ``result.json``.
 
@@ -75,6 +72,7 @@ def _execute(spec: dict) -> str:
     """
     from .. import train
     from ..checkpoint import PoisonedCheckpointError
+    from ..methods.registry import method_task_options
     from ..tasks import make_task
 
     run_dir = Path(spec["run_dir"])
@@ -88,8 +86,9 @@ def _execute(spec: dict) -> str:
     status, message, metrics = "failed", "", {"validation": None, "test": None}
     try:
         train.seed_everything(spec["seed"])
+        # the method's own task options too (dora: use_dora, full: full_finetune)
         task = make_task(spec["task"], seed=spec["seed"], device=spec["device"],
-                         **spec["task_options"])
+                         **method_task_options(spec["method"], spec["task_options"]))
         train.run(task, spec["method"], optimizer=spec["optimizer"], lr=spec["lr"],
                   steps=spec["steps"], seed=spec["seed"], device=spec["device"], out=out,
                   log_every=1, eval_every=0, checkpoint_every=spec["checkpoint_every"],
@@ -135,11 +134,16 @@ def _specs(s: GridSettings, cells: list[tuple[str, float, int]]) -> list[dict]:
     return specs
 
 
-def run_grid(s: GridSettings, cells: list[tuple[str, float, int]]) -> list[dict]:
-    """Run the ``(method, lr, seed)`` cells not done yet; return the whole table."""
+def run_grid(s: GridSettings, cells: list[tuple[str, float, int]],
+             backend: Backend | None = None) -> list[dict]:
+    """Run the ``(method, lr, seed)`` cells not done yet on ``backend`` (default:
+    :func:`~.backends.current_backend`); return the whole table."""
     specs = _specs(s, cells)
     todo = [spec for spec in specs if not is_done(Path(spec["run_dir"]))]
     if todo:
+        from ..methods.registry import method_task_options
+        for method in dict.fromkeys(spec["method"] for spec in todo):
+            method_task_options(method, s.task_options)  # a contradiction: one error up front
         _check_task_builds(s.task, s.task_options, s.device, todo[0]["seed"])
     for spec in todo:
         Path(spec["run_dir"]).mkdir(parents=True, exist_ok=True)
@@ -153,56 +157,28 @@ def run_grid(s: GridSettings, cells: list[tuple[str, float, int]]) -> list[dict]
         bar = tqdm(total=len(specs), initial=len(specs) - len(todo), desc=f"sweep {s.task}",
                    unit="run", file=sys.stderr, dynamic_ncols=True)
     rows = write_table(s.out_dir)
+
+    def finished(spec: dict) -> None:  # here, after each run, whichever backend ran it
+        write_table(s.out_dir)
+        if bar is not None:
+            bar.set_postfix_str(spec["run_id"])
+            bar.update(1)
     try:
-        if s.jobs == 1 or len(todo) <= 1:
-            for spec in todo:
-                if bar is not None:
-                    bar.set_postfix_str(spec["run_id"])
-                _execute(spec)
-                rows = write_table(s.out_dir)
-                if bar is not None:
-                    bar.update(1)
-        else:
-            rows = _run_pool(todo, s.jobs, s.out_dir, bar)
+        if todo:
+            backend = current_backend() if backend is None else backend
+            backend.run(_execute, todo, jobs=s.jobs, on_done=finished)
+            rows = write_table(s.out_dir)
     finally:
         if bar is not None:
             bar.close()
     return rows
 
 
-def _run_pool(todo: list[dict], jobs: int, out_dir: Path, bar) -> list[dict]:
-    """The runs of ``todo`` on a ``spawn`` pool of ``jobs`` workers, each with
-    ``max(1, cores // jobs)`` torch threads; the table is rewritten as each run ends."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    threads = max(1, cores // jobs)
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(todo)),
-                               mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_init, initargs=(threads,))
-    try:
-        futures = {pool.submit(_execute, spec): spec for spec in todo}
-        for future in as_completed(futures):
-            future.result()  # _execute records run errors; this raises only if a worker died
-            write_table(out_dir)
-            if bar is not None:
-                bar.set_postfix_str(futures[future]["run_id"])
-                bar.update(1)
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-    return write_table(out_dir)
-
-
 def run_sweep(task: str, methods: Sequence[str], lrs: Sequence[float], seeds: Sequence[int],
               steps: int, out_dir, *, optimizer: str = "adamw", jobs: int = 1,
               task_options: Mapping | None = None, hparams: Mapping | None = None,
               progress: bool = True, device: str = "cpu",
-              checkpoint_every: int | None = None) -> list[dict]:
+              checkpoint_every: int | None = None, backend: Backend | str | None = None) -> list[dict]:
     """Run the grid ``methods x lrs x seeds`` on ``task`` under ``out_dir``; return the table.
 
     Parameters
@@ -217,6 +193,9 @@ def run_sweep(task: str, methods: Sequence[str], lrs: Sequence[float], seeds: Se
     hparams : method hyper-parameters; ``name`` for every method, ``method:name`` for one.
     checkpoint_every : default ``max(1, steps // 10)``; 0 = none (an interrupted run then
         restarts from step 0).
+    backend : where the runs execute (:mod:`.backends`): ``"local"`` (``jobs``), ``"ray"``, a
+        backend object (``RayBackend(address=...)``), or None for the current one (local
+        unless inside ``use_backend``). The results table is the same whichever runs them.
 
     Returns
     -------
@@ -226,8 +205,9 @@ def run_sweep(task: str, methods: Sequence[str], lrs: Sequence[float], seeds: Se
     """
     lrs = check_list("lrs", lrs, check_lr)
     seeds = check_list("seeds", seeds, check_seed)
+    backend = make_backend(backend) if isinstance(backend, str) else backend
     s = prepare(task, methods, optimizer, steps, out_dir, task_options=task_options,
                 hparams=hparams, device=device, checkpoint_every=checkpoint_every, jobs=jobs,
                 progress=progress)
     pin_settings(s)
-    return run_grid(s, [(m, lr, seed) for m in s.methods for lr in lrs for seed in seeds])
+    return run_grid(s, [(m, lr, seed) for m in s.methods for lr in lrs for seed in seeds], backend)

@@ -15,9 +15,10 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..pairs import LoraPair
+from ..pairs import LoraPair, find_lora_pairs
 
-__all__ = ["Task", "TaskOptions", "batch_generator", "resolve_device", "resolve_target_modules"]
+__all__ = ["Task", "TaskOptions", "adapter_pairs", "adapter_phrase", "batch_generator",
+           "resolve_device", "resolve_target_modules", "unfreeze_all"]
 
 
 @dataclass(eq=False)
@@ -30,9 +31,11 @@ class Task:
         Registry name (``"mf"``, ``"nlu-minilm"``, ...).
     model : nn.Module
         LoRA factors require grad; everything else is frozen except a classification head
-        where the task has one.
+        where the task has one. Built with ``full_finetune=True`` (the ``full`` method's
+        option, :meth:`TaskOptions.adapter`): no LoRA layers, every parameter requires grad.
     pairs : list[LoraPair]
-        The model's LoRA pairs in paper notation (``find_lora_pairs``).
+        The model's LoRA pairs in paper notation (``find_lora_pairs``); empty under
+        ``full_finetune`` (so the probes that need pairs refuse the task in ``Probe.check``).
     loss : Callable[[batch], Tensor]
         Scalar training loss of ``model`` on a batch.
     batch : Callable[[int], batch]
@@ -152,6 +155,19 @@ class TaskOptions:
             raise ValueError(f"task {self.task!r}: {key} must be true or false, got {value!r}")
         return value
 
+    def adapter(self) -> str:
+        """What is trained: ``"full"`` (``full_finetune=True``: the model's own weights, every
+        one, no LoRA layers), ``"dora"`` (``use_dora=True``: PEFT DoRA layers) or ``"lora"``.
+
+        A task without one of the two keys reads it as false; both true is one ``ValueError``
+        (full fine-tuning attaches no adapter that could be DoRA).
+        """
+        full, dora = (key in self.values and self.boolean(key) for key in ("full_finetune", "use_dora"))
+        if full and dora:
+            raise ValueError(f"task {self.task!r}: full_finetune=true trains the model's own weights "
+                             "without LoRA layers, so use_dora=true cannot apply; drop one of them")
+        return "full" if full else "dora" if dora else "lora"
+
     def choice(self, key: str, options: tuple[str, ...]) -> str:
         value = self.values[key]
         if value not in options:
@@ -172,6 +188,29 @@ class TaskOptions:
                 value = list(value)
             out[key] = value
         return out
+
+
+def adapter_pairs(model: nn.Module, opts: TaskOptions) -> list[LoraPair]:
+    """The model's LoRA pairs (``find_lora_pairs``), or ``[]`` when ``opts`` asks for full
+    fine-tuning (:meth:`TaskOptions.adapter`), whose model has no LoRA layers."""
+    return [] if opts.adapter() == "full" else find_lora_pairs(model)
+
+
+def adapter_phrase(opts: TaskOptions, where: str) -> str:
+    """How the task trains, for its description: ``"PEFT LoRA r=8 on <where>"`` (``DoRA``
+    with ``use_dora``) or, under ``full_finetune``, ``"full fine-tuning (every weight
+    trained, no LoRA layers)"``."""
+    kind = opts.adapter()
+    if kind == "full":
+        return "full fine-tuning (every weight trained, no LoRA layers)"
+    return f"PEFT {'DoRA' if kind == 'dora' else 'LoRA'} r={opts['lora_r']} on {where}"
+
+
+def unfreeze_all(model: nn.Module) -> nn.Module:
+    """``model`` with every parameter set to require grad (full fine-tuning)."""
+    for param in model.parameters():
+        param.requires_grad_(True)
+    return model
 
 
 def batch_generator(seed: int, index: int, stream: int = 0) -> torch.Generator:

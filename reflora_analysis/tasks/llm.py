@@ -11,7 +11,8 @@ Model
     ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj``, ``down_proj``
     (``target_modules`` override, e.g. LLM-Adapters' ``q_proj,k_proj,v_proj,up_proj,down_proj``).
     ``use_dora=True``: PEFT's DoRA (a trainable magnitude vector per adapted layer, trained
-    by the base optimizer; every method except ``lora-pro``).
+    by the base optimizer; every method except ``lora-pro``). ``full_finetune=True`` (the
+    ``full`` method): no LoRA layers, every weight of the model trained (``task.pairs`` empty).
 
 Data
     A JSON list of ``{instruction, input, output, answer}`` records (``data.load_commonsense_json``;
@@ -51,8 +52,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..pairs import find_lora_pairs
-from .base import Task, TaskOptions, resolve_device, resolve_target_modules
+from .base import (Task, TaskOptions, adapter_pairs, adapter_phrase, resolve_device, resolve_target_modules,
+                   unfreeze_all)
 from .data import CommonsenseExample, load_commonsense_json, split_indices
 from .nlu import epoch_batch_indices, quiet_transformers, seeded
 from .text import ByteTokenizer, encode_ids, ensure_pad_token
@@ -117,7 +118,7 @@ def synthetic_commonsense(n: int, seed: int) -> list[CommonsenseExample]:
 
 LLM_DEFAULTS: dict[str, Any] = dict(
     model_path=None, data_path=None, eval_data_path=None, lora_r=8, lora_alpha=16.0,
-    target_modules=None, init_lora_weights=True, use_dora=False, batch_size=8, max_length=256, max_new_tokens=32,
+    target_modules=None, init_lora_weights=True, use_dora=False, full_finetune=False, batch_size=8, max_length=256, max_new_tokens=32,
     eval_examples=None, eval_batch_size=16, held_out_fraction=0.2, split_seed=0,
     train_examples=256, synthetic_eval_examples=64, hidden_size=32, num_layers=2, num_heads=4,
     num_kv_heads=2, intermediate_size=64, dtype="float32")
@@ -208,7 +209,10 @@ def _peft_model(opts: TaskOptions, model_path: str | None, dtype: torch.dtype, s
 def attach_lora(base: nn.Module, opts: TaskOptions, targets) -> nn.Module:
     """``base`` frozen, with PEFT LoRA (or DoRA: ``use_dora``) of rank ``lora_r``, no dropout,
     on ``targets``; a target PEFT cannot place is one ``ValueError`` naming the task. Called
-    under the task's seed (PEFT draws ``lora_A`` at random). Shared by every causal-LM task."""
+    under the task's seed (PEFT draws ``lora_A`` at random). Shared by every causal-LM task.
+    ``full_finetune``: ``base`` itself with every weight trainable, no LoRA layers."""
+    if opts.adapter() == "full":
+        return unfreeze_all(base)
     from peft import LoraConfig, get_peft_model
     for p in base.parameters():
         p.requires_grad_(False)
@@ -310,15 +314,15 @@ def make_causal_lm(*, seed: int = 0, device="cpu", quick: bool = False, **overri
     targets = resolve_target_modules(opts["target_modules"], LLM_DEFAULT_TARGETS)
     model, tokenizer, arch = _peft_model(opts, model_path, dtype, seed, targets)
     model.to(dev)
-    pairs = find_lora_pairs(model)
+    pairs = adapter_pairs(model, opts)
 
     def loss(b: dict[str, Tensor]) -> Tensor:
         logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                b["labels"][:, 1:].reshape(-1), ignore_index=-100)
 
-    description = (f"Causal LM: {arch}, PEFT {'DoRA' if opts['use_dora'] else 'LoRA'} r={opts['lora_r']} on "
-                   f"{targets if isinstance(targets, str) else ', '.join(targets)}; data: {source} in the "
+    where = targets if isinstance(targets, str) else ", ".join(targets)
+    description = (f"Causal LM: {arch}, {adapter_phrase(opts, where)}; data: {source} in the "
                    f"LLM-Adapters layout ({len(train)} train / {len(held)} held-out); loss on response tokens. "
                    "Metric: answer-extraction accuracy (greedy decoding).")
     cfg = {"task": "causal-lm", "seed": seed, "device": str(dev), **opts.to_config(),

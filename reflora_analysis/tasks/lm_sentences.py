@@ -18,7 +18,9 @@ Model
     SmolLM2-135M-Instruct by default (:func:`.gguf_model.load_smollm2`); ``model_path`` = a
     ``.gguf`` file or a local HF checkpoint directory instead (:func:`.gguf_model.load_causal_lm`).
     PEFT LoRA r = 8, alpha = 16, no dropout, on :data:`.gguf_model.LLAMA_LORA_TARGETS` (210
-    pairs on SmolLM2's 30 layers); everything else frozen. Batches of 8 from per-epoch
+    pairs on SmolLM2's 30 layers); everything else frozen. ``use_dora=True`` (the ``dora``
+    method): DoRA layers; ``full_finetune=True`` (the ``full`` method): no LoRA, every weight
+    trained. Batches of 8 from per-epoch
     permutations seeded by ``(seed, epoch)``.
 
 Evaluation (the :class:`.sentence_tasks.SentenceTask` contract)
@@ -43,8 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..pairs import find_lora_pairs
-from .base import TaskOptions, resolve_device, resolve_target_modules
+from .base import TaskOptions, adapter_pairs, adapter_phrase, resolve_device, resolve_target_modules
 from .gguf_model import KNOWN_MODELS, LLAMA_LORA_TARGETS, load_causal_lm
 from .instruct import answer_loss, answer_scores, build_instruction_example, chat_prompt, collate_examples, \
     padding_token_id
@@ -64,7 +65,7 @@ _WHAT = {"movies": "movie review snippet", "tweets": "tweet", "amazon": "product
 
 LM_VADER_DEFAULTS: dict[str, Any] = dict(
     model_path=None, lora_r=8, lora_alpha=16.0, target_modules=None, init_lora_weights=True,
-    use_dora=False, batch_size=8, eval_batch_size=32, max_length=128, threshold=0.5, split_seed=0,
+    use_dora=False, full_finetune=False, batch_size=8, eval_batch_size=32, max_length=128, threshold=0.5, split_seed=0,
     val_fraction=0.1, test_fraction=0.1, train_examples=None, eval_examples=None, evaluate_test=True,
     dtype="float32")
 LM_VADER_QUICK: dict[str, Any] = dict(batch_size=4, train_examples=256, eval_examples=64)
@@ -107,9 +108,8 @@ def _describe(name: str, corpus: str, opts: TaskOptions, data: TaskData, info: d
               "splits": sizes, "split_digest": data.digest, "examples_used": data.used,
               "instruction": POLARITY_INSTRUCTION, "candidates": list(POLARITY_CANDIDATES),
               "lora_pairs": n_pairs}
-    adapter = "DoRA" if opts["use_dora"] else "LoRA"
-    desc = (f"{info['name']} ({info['source']}; {info['parameters']:,} parameters) + PEFT {adapter} "
-            f"r={opts['lora_r']} on {targets if isinstance(targets, str) else ', '.join(targets)}; "
+    where = targets if isinstance(targets, str) else ", ".join(targets)
+    desc = (f"{info['name']} ({info['source']}; {info['parameters']:,} parameters) + {adapter_phrase(opts, where)}; "
             f"VADER {corpus} polarity as chat instructions, answer 'positive'/'negative' (loss on the answer); "
             f"splits {' / '.join(f'{sizes[s]:,}' for s in SPLITS)} as vader-{corpus}. "
             "Metric: accuracy of the higher-likelihood answer; evaluate() = validation, test_* = test.")
@@ -131,7 +131,7 @@ def make_lm_vader(corpus: str = "movies", *, seed: int = 0, device="cpu", quick:
     dev = resolve_device(device)
     model, tokenizer, info, targets = _causal_lm_with_lora(model_spec, opts, seed)
     model.to(dev)
-    pairs = find_lora_pairs(model)
+    pairs = adapter_pairs(model, opts)
     pad = padding_token_id(tokenizer)
     prompts = {s: [polarity_prompt(tokenizer, text, corpus) for text in data.texts[s]] for s in SPLITS}
     gold = {s: torch.tensor(data.targets[s], dtype=torch.long) for s in SPLITS}

