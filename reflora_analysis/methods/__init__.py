@@ -42,14 +42,16 @@ of ``W = W0 + s A B^T``, which a DoRA layer (``m * V / ||V||_c``) does not have.
 from __future__ import annotations
 
 from .balance import BalanceTransform, balanced_projection
+from .balora import BaLoRATransform, svd_split
 from .lora_pro import LoraProTransform
 from .lora_rite import LoraRiteTransform
 from .refactoring import Refactorer, WeightRefactorer, create_reflora_optimizer
 from .reflora import RefLoRATransform, reflora_precondition
 from .reflora_s import RefLoRASTransform, reflora_s_rescale
 from .registry import (METHOD_INFO, METHODS, MethodSpec, available_methods, build_optimizer,
-                       dora_methods, get_method, make_method, pairless_methods,
-                       refactoring_methods, single_step_update)
+                       dora_methods, get_method, make_method, method_task_options,
+                       optimizer_methods, pairless_methods, refactoring_methods,
+                       single_step_update)
 from .scaledgd import ScaledGDTransform, scaled_gradients
 from .transform import PairTransform
 
@@ -62,6 +64,8 @@ __all__ = [
     "dora_methods",
     "get_method",
     "make_method",
+    "method_task_options",
+    "optimizer_methods",
     "pairless_methods",
     "refactoring_methods",
     "single_step_update",
@@ -72,11 +76,13 @@ __all__ = [
     "RefLoRATransform",
     "RefLoRASTransform",
     "BalanceTransform",
+    "BaLoRATransform",
     "ScaledGDTransform",
     "LoraRiteTransform",
     "LoraProTransform",
     "reflora_precondition",
     "reflora_s_rescale",
     "balanced_projection",
+    "svd_split",
     "scaled_gradients",
 ]
