@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The issue-6 GPU checks in one run (benchmarks 1 and 2 on a CUDA device); < 8 min in total.
+# The issue-6 GPU checks in one run (benchmarks 1 and 2 on a CUDA device); < 10 min in total.
 #
 #   bash benchmarks/run_gpu_checks.sh [OUTDIR]        # OUTDIR: default $OUT, else benchmarks/gpu_results
 #
@@ -11,6 +11,8 @@
 #    (targets: reflora <= 1.05x lora, reflora-s <= 1.02x, lora-rite <= 1.38x, lora-pro <= 1.66x,
 #    extra peak memory <= LoRA params),
 #    limit 270 s.
+# 3. the same on SmolLM2-135M's shapes (30 layers, hidden 576, 9/3 heads), bf16, batch 8 x 256,
+#    limit 150 s.
 # Each benchmark's full output goes to OUTDIR/<name>.log; the tables and headlines are printed
 # at the end. A benchmark that fails or runs out of time is reported, and the other still runs.
 # Copy the printed tables into benchmarks/RESULTS.md with the date and the GPU model.
@@ -52,9 +54,11 @@ run_one refactor_overhead 180 "$PYTHON" benchmarks/refactor_overhead.py --device
     --layers 32 --repeats 10 --warmup 3
 run_one training_overhead 270 "$PYTHON" benchmarks/training_overhead.py --device cuda \
     --model-size 1b --dtype bfloat16 --steps 10 --repeats 5 --warmup 3
+run_one training_overhead_smollm2 150 "$PYTHON" benchmarks/training_overhead.py --device cuda \
+    --model-size smollm2-135m --dtype bfloat16 --steps 10 --repeats 5 --warmup 3
 
 echo
-for name in refactor_overhead training_overhead; do
+for name in refactor_overhead training_overhead training_overhead_smollm2; do
     echo "## $name"
     grep -E '^(#|\||headline)' "$OUTDIR/$name.log" 2>/dev/null || echo "(no table: see $OUTDIR/$name.log)"
     echo
