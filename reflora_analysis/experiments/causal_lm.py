@@ -38,7 +38,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .convergence import derive_study_arguments, run_study, study_title
+from .convergence import derive_study_arguments, run_study, study_command, study_title
 from .notebook import NotebookRun, NotebookSpec, Preset, at_most, first
 
 __all__ = ["SPEC", "setup", "experiment", "causal_lm_study"]
@@ -71,9 +71,7 @@ def experiment(run: NotebookRun) -> dict[str, Any]:
         optimizer=run["optimizer"], device=run["device"], task_options=run["task_options"],
         hparams=run["hparams"], jobs=run["jobs"], demonstration=run["demonstration"],
         title=study_title(f"{model} + LoRA, {run['task']} as instructions", run),
-        command=f"reflora-analysis figures --only 07{' --quick' * bool(run['quick'])}"
-                f"{' --device ' + run['device'] if run['device'] != 'cpu' else ''} "
-                "(arguments as used: params.json)")
+        command=study_command("07", run))
     for task, chosen in data["chosen_lr"].items():
         print(f"{task}: lr chosen on validation: {chosen}")
     return data

@@ -100,6 +100,13 @@ def study_title(what: str, run: NotebookRun) -> str:
     return title
 
 
+def study_command(notebook: str, run: NotebookRun) -> str:
+    """The ``figures`` command that reproduces a study notebook's run (05, 07)."""
+    quick = " --quick" if run["quick"] else ""
+    device = f" --device {run['device']}" if run["device"] != "cpu" else ""
+    return f"reflora-analysis figures --only {notebook}{quick}{device} (arguments as used: params.json)"
+
+
 def experiment(run: NotebookRun) -> dict[str, Any]:
     """:func:`real_model_convergence` with the run's arguments; prints the chosen lrs."""
     encoder = Path(run["model_path"]).name if run["model_path"] else "MiniLM-L6"
@@ -109,8 +116,7 @@ def experiment(run: NotebookRun) -> dict[str, Any]:
         optimizer=run["optimizer"], device=run["device"], task_options=run["task_options"],
         hparams=run["hparams"], jobs=run["jobs"], demonstration=run["demonstration"],
         title=study_title(f"{encoder} + LoRA on the VADER sentence tasks", run),
-        command=f"reflora-analysis figures --only 05{' --quick' * bool(run['quick'])} "
-                "(arguments as used: params.json)")
+        command=study_command("05", run))
     for task, chosen in data["chosen_lr"].items():
         print(f"{task}: lr chosen on validation: {chosen}")
     return data

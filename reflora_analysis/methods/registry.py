@@ -224,8 +224,10 @@ METHODS: dict[str, MethodSpec] = {s.name: s for s in [
                   "columns aligned (signed permutation) with the factors they replace",
           invariance="exact", state="none extra; O((m+n)r^2 + r^3) per step",
           notes="BaLoRA's SVD split; Adam moments not transformed. With SGD from a non-singular "
-                "start the W trajectory equals reflora's (exact GL(r) invariance); with AdamW "
-                "not invariant, and not the same algorithm as 'balance'. Layers with a "
+                "start the W trajectory equals reflora's (exact GL(r) invariance). With AdamW, "
+                "from a start with distinct singular values, measured invariant too (the split "
+                "is unique up to signed column permutations, which Adam's elementwise step "
+                "commutes with); not the same algorithm as 'balance'. Layers with a "
                 "rank-deficient product (A = 0 start) are projected only once it has full rank.",
           transform_cls=BaLoRATransform, attach=partial(_attach_transform, BaLoRATransform)),
     _spec("dora", build_dora, {},
