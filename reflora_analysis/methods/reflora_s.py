@@ -148,30 +148,64 @@ class RefLoRASTransform(WeightRefactorer):
 
     method = "reflora-s"
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._plans: dict[int, _RescalePlan] = {}  # id(group) -> its cached rescale plan
+
     def refactor_group(self, group: PairGroup, optimizer, with_grads: bool) -> None:
-        # one (6, L) table of per-layer scales, cast once per dtype and split into 0-d
-        # tensors, so one _foreach_mul_ per dtype rescales everything with no host read
+        # one (6, L) table of per-layer scales; each dtype's tensors are rescaled by one
+        # _foreach_mul_ with 0-d scales gathered from it: no host read, and (through the
+        # cached plan) no Python loop over layers on the steady-state path
         inv_p, p = reflora_s_scales(*group.factor_norms())
-        table = torch.stack([p, inv_p, p * p, inv_p * inv_p, inv_p, p])
-        cast: dict[torch.dtype, tuple[Tensor, ...]] = {}
-        buckets: dict[torch.dtype, tuple[list, list]] = {}
+        table = torch.stack([p, inv_p, p * p, inv_p * inv_p, inv_p, p]).flatten()
+        state = optimizer.state if optimizer is not None else {}
+        plan = None if with_grads else self._plans.get(id(group))
+        if plan is None or not plan.matches(state):
+            plan = _RescalePlan(group, state, with_grads)
+            if not with_grads:
+                self._plans[id(group)] = plan
+        for dtype, (tensors, index) in plan.buckets.items():
+            torch._foreach_mul_(tensors, table.to(dtype).index_select(0, index).unbind(0))
+
+
+class _RescalePlan:
+    """Which tensors of a group RefLoRA-S rescales, by dtype, and the row of the scale
+    table each one takes (``_ROW[(side, power)] * L + layer``).
+
+    Built once and reused while :meth:`matches` holds: the optimizer's moments are created
+    once and then updated in place, so walking the layers and their state every step (a
+    Python loop over hundreds of tensors) would only rebuild the same lists. ``matches``
+    re-checks that every cached moment is still the tensor the optimizer holds (a reloaded
+    or rebuilt state, or a moment created since, forces a new plan), so a stale plan can
+    never rescale a tensor the optimizer no longer uses.
+    """
+
+    def __init__(self, group: PairGroup, state, with_grads: bool):
         L = len(group.pairs)
+        rows: dict[torch.dtype, tuple[list, list]] = {}
+        self.moments: list[tuple] = []  # (param, key, tensor) that matches() re-checks
 
         def add(t: Tensor, side: str, power: int, i: int) -> None:
-            scalars = cast.get(t.dtype)
-            if scalars is None:
-                scalars = cast[t.dtype] = table.to(t.dtype).flatten().unbind(0)
-            tensors, chosen = buckets.setdefault(t.dtype, ([], []))
+            tensors, index = rows.setdefault(t.dtype, ([], []))
             tensors.append(t)
-            chosen.append(scalars[_ROW[(side, power)] * L + i])
+            index.append(_ROW[(side, power)] * L + i)
 
-        state = optimizer.state if optimizer is not None else {}
         for i, pair in enumerate(group.pairs):
             for side, param in (("A", pair.a), ("B", pair.b)):
                 add(param, side, -1, i)  # in place on the leaf: the hook runs under no_grad
                 if with_grads and param.grad is not None:
                     add(param.grad, side, 1, i)
-                for _, t, power in _moment_powers(state.get(param), param):
+                for key, t, power in _moment_powers(state.get(param), param):
                     add(t, side, power, i)
-        for tensors, scalars in buckets.values():
-            torch._foreach_mul_(tensors, scalars)
+                    self.moments.append((param, key, t))
+        device = group.device
+        self.buckets = {dtype: (tensors, torch.tensor(index, dtype=torch.long, device=device))
+                        for dtype, (tensors, index) in rows.items()}
+        self.params = [param for pair in group.pairs for param in (pair.a, pair.b)]
+        self.state, self.with_state = state, sum(p in state for p in self.params)
+
+    def matches(self, state) -> bool:
+        """Same state object, the same parameters with state, and every moment unchanged."""
+        if state is not self.state or sum(p in state for p in self.params) != self.with_state:
+            return False
+        return all(state.get(param, {}).get(key) is t for param, key, t in self.moments)
