@@ -64,7 +64,10 @@ So the refactorer runs unchanged on whole ``A``, ``B``, ``grad_A``, ``grad_B`` (
 F3/F4). Because a sharded block's forward is a collective, every rank runs every forward pass:
 ``task.evaluate()`` runs on all ranks (rank 0 alone writes), and probes are refused under
 ``--fsdp`` (they run on rank 0 alone). Tested with 2 gloo processes on CPU against one
-process on the combined batch (``tests/test_distributed.py``).
+process on the combined batch (``tests/test_distributed.py``). ``--resume`` needs nothing
+more: a checkpoint holds the trainable tensors and buffers (FSDP2 shards neither), the
+optimizer and transform state and the RNG; rank 0 writes it, every rank loads it; a 2-rank run
+stopped and resumed matches an uninterrupted one (``tests/test_fsdp_resume.py``).
 
 Memory per GPU, 8 GPUs, LoRA r = 16 on q, k, v, o, gate, up, down (fp32 LoRA factors, as
 PEFT keeps adapters over a bf16 base), AdamW:

@@ -405,19 +405,36 @@ def upper_bounds(
 
     For an ``L``-smooth loss, ``l(W + dW(S)) <= U_exact(S) <= U(S)`` and ``U(S*) <= U(S)``.
     Returns ``(U_exact, U_relaxed)``, each of shape ``(...,)``.
+
+    No ``m x n`` SVD: ``M = A B^T`` and ``G^T M G^T = (G^T A)(G B)^T`` have rank <= r, so
+    their norms come from at most ``r x r`` cores (:func:`_low_rank_norms`), and
+    ``<G, G M^T G> = <G (G^T A), G B>`` is a sum over ``m x r`` entries: O(m n r + (m + n) r^2).
     """
     _check_factors(A, B, G)
     _check_square(S, A, "S")
     _check_linalg_dtype(A, "A, B, G and S")
     dW = weight_update(A, B, G, eta, S)
     U_exact = loss + (G * dW).sum((-2, -1)) + 0.5 * L * dW.square().sum((-2, -1))
-    M = A @ B.mT
+    GtA, GB = G.mT @ A, G @ B  # G^T M G^T = GtA GB^T (n x m) and G M^T G = GB GtA^T (m x n)
+    nuc_GMG, _ = _low_rank_norms(GtA, GB)
+    _, M_2 = _low_rank_norms(A, B)
     T = _trace(S @ gram(A)) + _trace(_spd_solve_right(gram(B), S))
     g_norm = torch.linalg.matrix_norm(G)
-    first_order = -2 * eta * nuclear_norm(G.mT @ M @ G.mT)
-    second_order = eta**2 * (G * (G @ M.mT @ G)).sum((-2, -1))
-    curvature = 0.5 * L * (eta * g_norm * T + eta**2 * g_norm**2 * spectral_norm(M)) ** 2
+    first_order = -2 * eta * nuc_GMG
+    second_order = eta**2 * ((G @ GtA) * GB).sum((-2, -1))  # <G, GB GtA^T> = <G GtA, GB>
+    curvature = 0.5 * L * (eta * g_norm * T + eta**2 * g_norm**2 * M_2) ** 2
     return U_exact, loss + first_order + second_order + curvature
+
+
+def _low_rank_norms(X: Tensor, Y: Tensor) -> tuple[Tensor, Tensor]:
+    r"""``(||X Y^T||_*, ||X Y^T||_2)`` for ``X`` (..., p, r), ``Y`` (..., q, r), without forming
+    the ``p x q`` product: with thin QRs ``X = Q_X R_X``, ``Y = Q_Y R_Y`` (orthonormal columns),
+    ``X Y^T = Q_X (R_X R_Y^T) Q_Y^T`` has the singular values of the core ``R_X R_Y^T``
+    (``min(p, r) x min(q, r)``). Rank-deficient factors are fine (Householder QR needs no
+    pivot). Each of shape ``(...,)``; both 0 for ``r = 0``."""
+    core = torch.linalg.qr(X, mode="r").R @ torch.linalg.qr(Y, mode="r").R.mT
+    sv = torch.linalg.svdvals(core)  # descending; empty when r = 0
+    return sv.sum(-1), sv[..., :1].sum(-1)
 
 
 def _check_factors(A: Tensor, B: Tensor, G: Tensor | None = None) -> None:

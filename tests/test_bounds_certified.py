@@ -263,8 +263,10 @@ def test_the_joint_path_equals_the_single_layer_path(case):
     assert out["bound/violations"] == 0 and out["bound/L_estimated"] == 1.0
     assert out["bound/layers"] == 1.0 and out["bound/L_points"] == 5.0
     default = make_probes("bound")[0](ProbeContext(task, "reflora", "sgd", lr, 0, None))
-    assert math.isnan(default["bound/U_relaxed"])  # off by default on a model (its cost)
-    assert default["bound/U_exact"] == out["bound/U_exact"]
+    assert default["bound/U_relaxed"] == out["bound/U_relaxed"]  # on by default (cheap: r x r)
+    off = make_probes("bound", relaxed=False)[0](ProbeContext(task, "reflora", "sgd", lr, 0, None))
+    assert math.isnan(off["bound/U_relaxed"])
+    assert default["bound/U_exact"] == off["bound/U_exact"] == out["bound/U_exact"]
 
 
 @pytest.mark.slow

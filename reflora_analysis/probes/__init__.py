@@ -336,8 +336,8 @@ class BoundProbe(Probe):
     Single-layer tasks with ``loss_in_W`` use it (float64, ``curvature`` ``"directional"`` or
     ``"hessian"``); any other task with ``task.model`` holding its LoRA factors gets the joint
     bound over every layer (``joint_bound_step``: the step's batch, eval mode, directional
-    curvature only; ``U_relaxed`` only with ``relaxed=True``, since its per-layer nuclear and
-    spectral norms dominate the cost there). ``L`` unknown: estimated on the step's segment
+    curvature only; ``U_relaxed`` too unless ``relaxed=False``: its norms come from r x r
+    cores, no m x n SVD). ``L`` unknown: estimated on the step's segment
     at ``points`` points with a safety ``margin``. The bound concerns the method's SGD step whatever
     ``ctx.optimizer`` is."""
 

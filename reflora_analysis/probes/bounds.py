@@ -365,8 +365,8 @@ def joint_bound_step(model: nn.Module, loss_closure, pairs, method: str, lr: flo
     sum_i ||dM_i||^2``. ``L`` (in the joint ``M``) or ``None``: the directional curvature on
     the joint segment (``points``, ``margin``; a Hessian in the joint ``W`` of a real model
     is too large for ``eigsh``). Returns the keys of :func:`bound_step` and ``layers``;
-    ``relaxed=False`` skips ``U_relaxed`` (NaN): its nuclear and spectral norms of ``m x n``
-    matrices per layer cost more than the rest on a transformer.
+    ``relaxed=False`` skips ``U_relaxed`` (NaN); it is cheap (its norms come from ``r x r``
+    cores, :func:`~reflora_analysis.theory.upper_bounds`), a small part of the probe's cost.
     A classifier head trained beside LoRA stays where it is: the bound concerns the LoRA step.
     """
     method = canonical_method(method)
@@ -486,7 +486,7 @@ def bound_probe_values(task, method: str, lr: float, *, loss_closure=None,
     """The per-step bound probe (see ``probes.BoundProbe``): :func:`bound_step` on a
     single-layer task (its known ``task.smoothness`` if any, else estimated), else
     :func:`joint_bound_step` on ``task.model`` with ``loss_closure`` (directional only;
-    ``U_relaxed`` only with ``relaxed=True``: ``None`` means on for single-layer tasks only)."""
+    ``U_relaxed`` there unless ``relaxed=False``: ``None``, the default, means on)."""
     start = time.perf_counter()
     options = dict(points=points, margin=margin, seed=seed)
     if single_layer(task):
@@ -504,7 +504,7 @@ def bound_probe_values(task, method: str, lr: float, *, loss_closure=None,
         if loss_closure is None:
             raise ValueError("a task without loss_in_W needs loss_closure (the step's batch loss)")
         res = joint_bound_step(task.model, loss_closure, task.pairs, method, lr, **options,
-                               relaxed=bool(relaxed), **hparams)
+                               relaxed=relaxed is None or bool(relaxed), **hparams)
     out = _flatten(res)
     out["bound/seconds"] = time.perf_counter() - start
     return out
