@@ -22,7 +22,10 @@ Examples
 
 ``probe --checkpoint`` assesses the method, optimizer, step size and hyper-parameters the
 checkpoint's run was trained with; ``--method`` and the others override them (a note says
-when ``--method`` differs from the checkpoint's).
+when ``--method`` differs from the checkpoint's). ``probe`` builds the model as ``train``
+does, with the task options the method sets (``dora``: ``use_dora=true``, ``full``:
+``full_finetune=true``); with a checkpoint, a method or ``--set`` that asks for another
+model than the checkpoint's is refused in one line.
 
 Bad input (unknown names, non-positive sizes or rates, missing files, a file that is not a
 checkpoint, a model without LoRA layers, an earlier run's ``--out`` without ``--resume`` or
@@ -38,6 +41,8 @@ import json
 import os
 import sys
 from typing import Sequence
+
+from .keyvalue import parse_key_value
 
 PROG = "reflora-analysis"
 
@@ -100,25 +105,9 @@ def _existing_path(text: str) -> str:
     return path
 
 
-#: words read as Python's None / True / False in ``--set`` and ``--hparam`` values, in any case
-#: (JSON's ``null``, ``true``, ``false`` and Python's spelling, so ``skip=None`` works as written)
-_WORDS = {"none": None, "null": None, "true": True, "false": False}
-
-
-def _parse_setting(text: str) -> tuple[str, object]:
-    """``key=value``, the value read as JSON when possible (``3``, ``0.5``, ``[0.9, 0.99]``);
-    ``none``/``null``, ``true``/``false`` in any case -> None, True, False; else a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    word = raw.strip().lower()
-    if word in _WORDS:
-        return key.strip(), _WORDS[word]
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
+#: ``KEY=VALUE`` of ``--set`` / ``--hparam``: the one parser of every command line
+#: (``none``/``true``/``false`` in any case, a Python literal, JSON, else a string)
+_parse_setting = parse_key_value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -137,7 +126,8 @@ def _add_task_arguments(p: argparse.ArgumentParser, *, seed_type=_integer) -> No
     p.add_argument("--quick", action="store_true", help="task's small settings, same code path")
     p.add_argument("--set", dest="settings", action="append", type=_parse_setting, default=[],
                    metavar="KEY=VALUE", help="task option, repeatable (e.g. --set lora_r=4, "
-                   "--set use_dora=true); values are JSON, or none/true/false, or a string")
+                   "--set use_dora=true); values: none/true/false, a Python literal or JSON, "
+                   "else a string")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,11 +209,54 @@ def _add_evidence_commands(sub) -> None:
     fetch.add_argument("names", nargs="*", metavar="ASSET", help="default: every known asset")
 
 
-def _make_task(args, device: str):
-    from .config import task_options_from_cli
+def _probe_task_options(args, method: str, identity: dict) -> dict:
+    """The ``make_task`` options of the model ``probe`` builds, as ``train`` builds it:
+    ``--set``, ``--model``, ``--data`` and the options ``method`` sets
+    (``MethodSpec.task_options``: ``dora`` -> ``use_dora=true``, ``full`` ->
+    ``full_finetune=true``; a ``--set`` that contradicts them is refused).
+
+    With ``--checkpoint`` the model is the checkpoint's: an option that decides what a run
+    trains (one that some method sets) takes the checkpoint's value (``identity``'s
+    ``task_config``) when not given, and is refused, in one line, when ``--set`` or
+    ``--method`` gives it another value: the checkpoint's weights would not fit that model.
+    """
+    from .config import ConfigError, FrozenDict, task_options_from_cli, with_method_options
+    from .methods import METHODS
+    given = task_options_from_cli(args)
+    try:
+        options = dict(with_method_options(args.task, method, FrozenDict(given)))
+    except ConfigError as exc:
+        raise CliError(exc.cli) from None
+    trained = identity.get("task_config") or {}
+    for key in sorted({k for spec in METHODS.values() for k in spec.task_options}):
+        if key not in trained:
+            continue  # a task without the option (mf): make_task refuses it, if given
+        options.setdefault(key, trained[key])
+        if options[key] != trained[key]:
+            source = f"--set {key}" if key in given else f"--method {method}"
+            had, wanted = (f"{key}={json.dumps(v)}" for v in (trained[key], options[key]))
+            raise CliError(f"checkpoint {args.checkpoint} holds a model trained with {had}, but "
+                           f"{source} asks for {wanted}, another model its weights do not fit; "
+                           f"probe a checkpoint of a run with {wanted}, or drop --checkpoint to "
+                           "probe the initial point")
+    return options
+
+
+def _make_task(args, options: dict, method: str):
+    """The command line's task built with ``options``; an error that names an option the
+    method sets says so (``--method full`` on ``mf``, which has no ``full_finetune``)."""
+    from .methods import get_method
     from .tasks import make_task
-    return make_task(args.task, seed=args.seed, device=device, quick=args.quick,
-                     **task_options_from_cli(args))
+    try:
+        return make_task(args.task, seed=args.seed, device=args.device, quick=args.quick,
+                         **options)
+    except ValueError as exc:
+        own = get_method(method).task_options
+        if not any(key in str(exc) for key in own):
+            raise
+        spelled = ", ".join(f"{k}={json.dumps(v)}" for k, v in own.items())
+        raise CliError(f"--method {method} sets the task option {spelled}, with which task "
+                       f"{args.task!r} cannot be built: {_one_line(exc)}") from None
 
 
 def _rank_device(device: str) -> str:
@@ -300,8 +333,9 @@ def _cmd_probe(args) -> int:
         raise CliError(f"checkpoint {args.checkpoint} was trained with method {method!r}, "
                        "which this reflora-analysis does not know; pass --method")
     settings = OptimizerConfig(method, optimizer, lr, hparams)  # the rules of a run's config
+    options = _probe_task_options(args, settings.method, identity)  # as train builds the model
     train.seed_everything(args.seed)
-    task = _make_task(args, args.device)
+    task = _make_task(args, options, settings.method)
     step = ckpt["step"] if ckpt is not None else 0
     if ckpt is not None:
         load_trainable_state(task.model, ckpt["trainable"])

@@ -26,6 +26,9 @@ hparams             names from the method's registry entry
                     the method's to check when it is built
 steps               integer > 0;  seed, probe_every, eval_every, checkpoint_every: >= 0;
                     log_every > 0
+evaluate_at_ends    ``task.evaluate()`` also at the first and the last step (default True);
+                    False where nobody reads those values (a sweep evaluates every split
+                    after training, :func:`reflora_analysis.sweep.evaluate_splits`)
 probes              names (``"balance,consistency"`` or a list; each one of
                     :func:`reflora_analysis.probes.available_probes`), ``Probe`` objects or
                     callables ``ctx -> dict``; a tuple. Probes need ``probe_every > 0``
@@ -243,7 +246,7 @@ def check_task(task, options: Mapping | None = None) -> tuple[Any, FrozenDict]:
     return task, FrozenDict(options)
 
 
-def _with_method_options(task, method: str, options: FrozenDict) -> FrozenDict:
+def with_method_options(task, method: str, options: FrozenDict) -> FrozenDict:
     """``options`` plus the task options ``method`` sets (``MethodSpec.task_options``: ``dora``
     -> ``use_dora=True``, ``full`` -> ``full_finetune=True``) when the task is built by name.
 
@@ -318,9 +321,9 @@ class RunConfig:
     optimizer's keywords; ``train.run``'s ``**method_hparams``), ``task_options``
     (``make_task`` overrides; ``train.run``'s ``task_overrides``), ``quick`` (the task's small
     settings), ``probes``, ``probe_every``, ``log_every``, ``eval_every``,
-    ``checkpoint_every``, ``resume``, ``overwrite``, ``skip_nonfinite``, ``progress``,
-    ``out``, and ``world_size`` (processes training together; :func:`build_run` sets it from
-    ``torch.distributed``).
+    ``evaluate_at_ends``, ``checkpoint_every``, ``resume``, ``overwrite``, ``skip_nonfinite``,
+    ``progress``, ``out``, and ``world_size`` (processes training together; :func:`build_run`
+    sets it from ``torch.distributed``).
 
     Immutable: ``hparams`` and ``task_options`` are :class:`FrozenDict`, ``probes`` a tuple;
     derive a changed config with ``dataclasses.replace``.
@@ -342,6 +345,7 @@ class RunConfig:
     probe_every: int = 0
     log_every: int = 1
     eval_every: int = 0
+    evaluate_at_ends: bool = True
     checkpoint_every: int = 0
     resume: bool = False
     overwrite: bool = False
@@ -354,7 +358,7 @@ class RunConfig:
         task, options = check_task(self.task, self.task_options)
         method, optimizer, lr, hparams = _check_method_part(self.method, self.optimizer, self.lr,
                                                             self.hparams)
-        options = _with_method_options(task, method, options)
+        options = with_method_options(task, method, options)
         counts = {"steps": check_count("steps", self.steps, minimum=1),
                   "seed": check_count("seed", self.seed),
                   "probe_every": check_count("probe_every", self.probe_every),
@@ -375,7 +379,8 @@ class RunConfig:
         values = dict(task=task, task_options=options, method=method, optimizer=optimizer, lr=lr,
                       hparams=hparams, out=out, device=device, probes=probes,
                       dtype=_check_dtype(self.dtype), **counts)
-        for flag in ("autocast_bf16", "quick", "resume", "overwrite", "skip_nonfinite", "progress"):
+        for flag in ("autocast_bf16", "quick", "evaluate_at_ends", "resume", "overwrite",
+                     "skip_nonfinite", "progress"):
             values[flag] = bool(getattr(self, flag))
         for name, value in values.items():
             object.__setattr__(self, name, value)

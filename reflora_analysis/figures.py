@@ -49,6 +49,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from .keyvalue import parse_key_value
+
 __all__ = [
     "NOTEBOOK_DIR",
     "EXPECTED_MINUTES",
@@ -487,17 +489,6 @@ def _execute_one(stem: str, notebook_dir: str, out: str, params: dict,
     return entry
 
 
-def _parse_param(text: str) -> tuple[str, Any]:
-    name, sep, raw = text.partition("=")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"--param expects NAME=VALUE, got {text!r}")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw  # a bare word is a string: --param task=mf
-    return name.strip(), value
-
-
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="reflora-analysis figures",
@@ -512,9 +503,10 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="run only this notebook (stem, number or title; repeatable)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--out", default="figures", help="output directory (default figures/)")
-    parser.add_argument("--param", "-p", action="append", type=_parse_param, default=[],
+    parser.add_argument("--param", "-p", action="append", type=parse_key_value, default=[],
                         metavar="NAME=VALUE",
-                        help="override a notebook parameter (Python literal), e.g. -p steps=50; "
+                        help="override a notebook parameter (a Python literal, JSON, "
+                             "none/true/false, else a string), e.g. -p steps=50; "
                              "see the rule below")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch/OpenMP threads per notebook kernel (default: all cores; "

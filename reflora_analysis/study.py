@@ -1,9 +1,10 @@
 r"""A study's evidence from finished sweep folders (one per task): figures, tables, a report.
 
 Each folder must hold a finished :func:`reflora_analysis.sweep.tune_then_test` (or
-``run_sweep`` + ``summarize``): ``sweep.json``, ``results.json``, ``protocol.json``. Nothing is
-recomputed by hand: the numbers are :func:`reflora_analysis.sweep.summarize` (``write=False``,
-i.e. :func:`reflora_analysis.stats.compare`) at the lrs, seeds and split of ``protocol.json``.
+``run_sweep`` + ``summarize``): ``sweep.json``, ``results.json``, ``protocol.json``, read by
+:mod:`reflora_analysis.study_sweep` (:func:`load_sweep`). Nothing is recomputed by hand: the
+numbers are :func:`reflora_analysis.sweep.summarize` (``write=False``, i.e.
+:func:`reflora_analysis.stats.compare`) at the lrs, seeds and split of ``protocol.json``.
 
 :func:`write_study_report` writes, in the paper's form (its GLUE table, its loss curves), per
 task ``loss_curves_<task>`` and ``lr_sensitivity_<task>`` (PNG + PDF) and ``speed_<task>.md/.csv``,
@@ -24,7 +25,6 @@ import shlex
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -33,7 +33,8 @@ from matplotlib.figure import Figure
 from scipy.signal import lfilter
 
 from . import stats, sweep
-from .io import atomic_write_json, atomic_write_text, read_json, write_csv_atomic
+from .io import atomic_write_json, atomic_write_text, write_csv_atomic
+from .study_sweep import DONE, StudySweep, as_sweep, load_all, load_sweep
 
 try:  # the project's figure style (one colour per method, reproducible PNG/PDF files)
     from .plotting import apply_style, method_color, method_label, save_figure
@@ -56,116 +57,11 @@ __all__ = ["StudySweep", "load_sweep", "loss_curves_figure", "lr_sensitivity_fig
 FORMAT = "reflora-study/1"
 #: metrics in [0, 1] shown in percent (differences in percentage points, pp)
 PERCENT_METRICS = ("accuracy", "f1", "matthews_correlation", "exact_match")
-_DONE = ("finished", "diverged")
 _CELL_FIELDS = ("metric", "split", "chosen_lr", "n", "mean", "std", "diff", "diff_ci_low",
                 "diff_ci_high", "n_pairs", "verdict")
 _SPEED_FIELDS = ("method", "chosen_lr", "n", "steps_censored") + tuple(
     f"{k}_{s}" for k in ("steps_to_target", "steps_diff", "auc", "auc_diff")
     for s in ("mean", "ci_low", "ci_high"))
-
-
-@dataclass
-class StudySweep:
-    """A finished sweep folder, read (:func:`load_sweep`): its files, the summary at the
-    protocol's chosen lrs (``summary``: :func:`reflora_analysis.sweep.summarize`'s result)
-    and, from that summary's protocol, what the figures and tables need."""
-
-    path: Path
-    settings: dict
-    protocol: dict
-    rows: list
-    summary: dict
-    label: str
-    task: str
-    metric: str            # bare report metric, e.g. accuracy
-    split: str             # report split: test, or validation where the task has none
-    direction: str         # max / min
-    baseline: str | None
-    confidence: float
-    chosen: dict           # method -> chosen lr (None: no eligible lr)
-    selection_seeds: list
-    report_seeds: list
-    by_method: dict        # method -> its summary row (``stats.SUMMARY_COLUMNS``)
-
-    def cell_rows(self, method: str, seeds: Sequence[int], lr=None) -> list[dict]:
-        """The results rows of ``method`` at ``lr`` (default: its chosen lr) on ``seeds``."""
-        lr = self.chosen.get(method) if lr is None else lr
-        return [r for r in self.rows if r["method"] == method and lr is not None
-                and float(r["lr"]) == float(lr) and int(r["seed"]) in set(seeds)]
-
-
-def _check_finished(path: Path, protocol: dict, rows: list[dict]) -> None:
-    """ValueError unless every run the protocol uses is done (finished or diverged)."""
-    running = [c.parent.name for c in sorted(path.glob("runs/*/config.json"))
-               if not (c.parent / "result.json").is_file()]
-    index = {(r["method"], float(r["lr"]), int(r["seed"])): r for r in rows}
-    cells = {(m, float(lr), int(s)) for m, lr in protocol["selection"]["chosen_lr"].items()
-             if lr is not None for s in protocol["report"]["seeds"]}
-    cells |= {(m, float(p["lr"]), int(s)) for m, per_lr in protocol["selection"]["per_lr"].items()
-              for p in per_lr for s in protocol["selection"]["seeds"]}
-    problems = [f"run(s) without a result (in progress or killed): {running[:5]}"] if running else []
-    problems += [f"{m} lr={lr:g} seed {s}: {index.get((m, lr, s), {}).get('status', 'no run')}"
-                 for m, lr, s in sorted(cells) if index.get((m, lr, s), {}).get("status") not in _DONE]
-    if problems:
-        raise ValueError(f"the sweep in {path} is unfinished: {'; '.join(problems[:8])} (rerun the "
-                         "same sweep command to finish it; failed runs are retried)")
-
-
-def load_sweep(sweep_dir, *, metric: str | None = None,
-               baseline: str | None = None) -> StudySweep:
-    """Read a finished sweep folder (ValueError, naming the problem, for a missing or
-    unfinished one) and summarise it at its protocol's chosen lrs, selection / report seeds
-    and split. ``metric``: report another metric than the protocol's (the lrs stay those
-    chosen on the protocol's metric); ``baseline``: default the protocol's."""
-    path = Path(sweep_dir)
-    if not path.is_dir():
-        raise ValueError(f"no sweep folder at {path}")
-    missing = [n for n in ("sweep.json", "results.json", "protocol.json") if not (path / n).is_file()]
-    if missing:
-        raise ValueError(f"{path} is not a finished sweep folder (no {', '.join(missing)}); run the "
-                         "sweep (with --test-seeds, or summarize it) to the end first")
-    settings, protocol = read_json(path / "sweep.json"), read_json(path / "protocol.json")
-    rows = sweep.load_results(path)
-    try:
-        _check_finished(path, protocol, rows)
-        sel, rep = protocol["selection"], protocol["report"]
-        summary = sweep.summarize(
-            path, metric=metric or rep["column"], direction=None if metric else sel["direction"],
-            baseline=protocol.get("baseline") if baseline is None else baseline,
-            methods=protocol["methods"], selection_seeds=sel["seeds"], report_seeds=rep["seeds"],
-            report_split=rep.get("requested_split", "auto"), chosen_lrs=sel["chosen_lr"],
-            confidence=protocol["confidence"], write=False)
-    except KeyError as exc:
-        raise ValueError(f"{path / 'protocol.json'} lacks {exc}: summarize the sweep again") from None
-    p = summary["protocol"]
-    return StudySweep(path=path, settings=settings, protocol=protocol, rows=rows, summary=summary,
-                      label=str(p["task"]), task=str(p["task"]),
-                      metric=stats.bare_metric(p["report"]["column"]), split=p["report"]["split"],
-                      direction=p["selection"]["direction"], baseline=p["baseline"],
-                      confidence=float(p["confidence"]), chosen=p["selection"]["chosen_lr"],
-                      selection_seeds=p["selection"]["seeds"], report_seeds=p["report"]["seeds"],
-                      by_method={r["method"]: r for r in summary["rows"]})
-
-
-def _as_sweep(sweep_dir, metric=None, baseline=None) -> StudySweep:
-    if isinstance(sweep_dir, StudySweep) and metric in (None, sweep_dir.metric) \
-            and baseline in (None, sweep_dir.baseline):
-        return sweep_dir
-    path = sweep_dir.path if isinstance(sweep_dir, StudySweep) else sweep_dir
-    return load_sweep(path, metric=metric, baseline=baseline)
-
-
-def _load_all(sweep_dirs, metric=None, baseline=None) -> list[StudySweep]:
-    """The sweeps, labelled by task (``task (folder)`` when two share a task)."""
-    if isinstance(sweep_dirs, (str, os.PathLike, StudySweep)) or not (sweep_dirs := list(sweep_dirs)):
-        raise ValueError(f"give a non-empty list of sweep folders, got {sweep_dirs!r}")
-    sweeps = [_as_sweep(d, metric, baseline) for d in sweep_dirs]
-    tasks = [s.task for s in sweeps]
-    for s in sweeps:
-        s.label = s.task if tasks.count(s.task) == 1 else f"{s.task} ({s.path.name})"
-    if len({s.label for s in sweeps}) != len(sweeps):
-        raise ValueError(f"the same sweep folder is given twice: {[str(s.path) for s in sweeps]}")
-    return sweeps
 
 
 def _finite(x) -> bool:
@@ -204,14 +100,22 @@ def _metric_name(sw: StudySweep, short: bool = False) -> str:
     return f"{'test' if sw.split == 'test' else 'validation'} {sw.metric} {arrow}"
 
 
+def _figure_title(headline: str, detail: str, note: str | None) -> str:
+    """A figure's title: ``headline``, ``detail`` on the next line and, when given, ``(note)``
+    on a last line (e.g. ``quick: pipeline demonstration, not evidence``: the figure says it
+    itself, not only its caption)."""
+    return f"{headline}\n{detail}" + (f"\n({note})" if note else "")
+
+
 def loss_curves_figure(sweep_dir, out_path, *, ema: float | None = None, band: str = "iqr",
-                       log_y: bool | None = None) -> dict:
+                       log_y: bool | None = None, note: str | None = None) -> dict:
     """Training loss vs step of each method at its chosen lr: median over the report (test)
     seeds, band = interquartile (``band="iqr"``) or min-max range, stated in the title; ``ema``
     in [0, 1) smooths each seed's curve first (stated in the legend); ``log_y`` None: log when
-    the losses span > 1.3 decades. A diverged run's curve ends at its divergence. Writes
-    ``out_path`` (.png and .pdf); returns ``{"png", "pdf", "caption"}``."""
-    sw = _as_sweep(sweep_dir)
+    the losses span > 1.3 decades; ``note``: a last title line (:func:`_figure_title`). A
+    diverged run's curve ends at its divergence. Writes ``out_path`` (.png and .pdf); returns
+    ``{"png", "pdf", "caption"}``."""
+    sw = as_sweep(sweep_dir)
     if band not in ("iqr", "minmax"):
         raise ValueError(f"band must be 'iqr' or 'minmax', got {band!r}")
     if ema is not None and not (_finite(ema) and 0 <= ema < 1):
@@ -220,7 +124,7 @@ def loss_curves_figure(sweep_dir, out_path, *, ema: float | None = None, band: s
     fig = Figure(figsize=(3.4, 2.6))
     ax, drawn, diverged = fig.add_subplot(), [], 0
     for m in sw.summary["protocol"]["methods"]:
-        rows = [r for r in sw.cell_rows(m, sw.report_seeds) if r["status"] in _DONE]
+        rows = [r for r in sw.cell_rows(m, sw.report_seeds) if r["status"] in DONE]
         if not rows:
             continue
         diverged += sum(r["status"] == "diverged" for r in rows)
@@ -245,13 +149,13 @@ def loss_curves_figure(sweep_dir, out_path, *, ema: float | None = None, band: s
         ax.set_yscale("log")
     what = "interquartile range" if band == "iqr" else "min-max range"
     title = f"{sw.label}: training loss at each method's chosen lr"
-    ax.set(xlabel="step", ylabel="training loss", title=f"{title}\nmedian over "
-           f"{len(sw.report_seeds)} seeds, band: {what}")
+    ax.set(xlabel="step", ylabel="training loss", title=_figure_title(
+        title, f"median over {len(sw.report_seeds)} seeds, band: {what}", note))
     ax.legend(title=f"EMA {ema:g} of each seed's loss" if ema else "per-step loss (no smoothing)")
     caption = (f"{title}; median over the report seeds {sw.report_seeds}, band = {what}"
                + (f"; each seed smoothed by an EMA of factor {ema:g}" if ema else "")
                + (f"; {diverged} diverged run(s) end at their divergence" if diverged else ""))
-    meta = {"title": title, "caption": caption}
+    meta = {"title": title + (f" ({note})" if note else ""), "caption": caption}
     return {**save_figure(fig, out_path, metadata=meta), "caption": caption}
 
 
@@ -273,13 +177,13 @@ def _lr_points(sw: StudySweep, method: str, column: str, band: str):
 
 
 def lr_sensitivity_figure(sweep_dir, out_path, *, metric: str | None = None,
-                          band: str = "t") -> dict:
+                          band: str = "t", note: str | None = None) -> dict:
     """Validation ``metric`` (default: the protocol's) vs learning rate (log x) per method:
     mean over the tuning seeds, band = t interval at the protocol's confidence (95 %;
-    ``band="t"``) or min-max range, the chosen lr ringed. Diverged / failed runs are left out
-    (counted in the caption). Writes ``out_path`` (.png and .pdf); returns ``{"png", "pdf",
-    "caption"}``."""
-    sw = _as_sweep(sweep_dir)
+    ``band="t"``) or min-max range, the chosen lr ringed; ``note``: a last title line
+    (:func:`_figure_title`). Diverged / failed runs are left out (counted in the caption).
+    Writes ``out_path`` (.png and .pdf); returns ``{"png", "pdf", "caption"}``."""
+    sw = as_sweep(sweep_dir)
     if band not in ("t", "minmax"):
         raise ValueError(f"band must be 't' or 'minmax', got {band!r}")
     metric = stats.bare_metric(metric or sw.metric)
@@ -307,15 +211,15 @@ def lr_sensitivity_figure(sweep_dir, out_path, *, metric: str | None = None,
     ax.minorticks_off()
     what = f"{sw.confidence:.0%} t interval" if band == "t" else "min-max range"
     title = f"{sw.label}: validation {metric} vs learning rate"
-    ax.set(xlabel="learning rate", ylabel=f"validation {metric}",
-           title=f"{title}\nmean over {len(sw.selection_seeds)} tuning seeds, band: {what}, "
-                 "ring: chosen lr")
+    ax.set(xlabel="learning rate", ylabel=f"validation {metric}", title=_figure_title(
+        title, f"mean over {len(sw.selection_seeds)} tuning seeds, band: {what}, ring: chosen lr",
+        note))
     ax.legend()
     caption = (f"{title}; mean over the tuning seeds {sw.selection_seeds}, band = {what}; "
                f"ring = the lr chosen on validation ({sw.summary['protocol']['selection']['column']})"
                + (f"; {left_out} run(s) diverged, failed or missing, left out; x at the top: an lr "
                   "not eligible (some tuning seed unusable)" if left_out else ""))
-    meta = {"title": title, "caption": caption}
+    meta = {"title": title + (f" ({note})" if note else ""), "caption": caption}
     return {**save_figure(fig, out_path, metadata=meta), "caption": caption}
 
 
@@ -346,7 +250,7 @@ def paper_table(sweep_dirs, metric: str | None = None, *, baseline: str | None =
     Average: the unweighted mean of the task means (NaN when a task lacks the method).
     Returns ``(markdown, rows)``; a row: ``method``, ``label``, ``<task>:<field>`` for
     ``_CELL_FIELDS``, ``average``. ``out_dir``: also write ``paper_table.md/.csv`` there."""
-    sweeps = _load_all(sweep_dirs, metric, baseline)
+    sweeps = load_all(sweep_dirs, metric, baseline)
     methods = list(dict.fromkeys(m for sw in sweeps for m in sw.summary["protocol"]["methods"]))
     bases = {sw.baseline for sw in sweeps}
     methods.sort(key=lambda m: m not in bases)  # the baseline first, then in order
@@ -400,7 +304,7 @@ def speed_table(sweep_dir) -> tuple[str, list[dict]]:
     baseline's smoothed final training loss of the same seed (never: censored, entering as
     steps + 1, a lower bound shown with ≥) and area under the training-loss curve, each with
     its t interval and paired difference to the baseline. Returns ``(markdown, rows)``."""
-    sw = _as_sweep(sweep_dir)
+    sw = as_sweep(sweep_dir)
     rows = [{k: r[k] for k in _SPEED_FIELDS} for r in sw.summary["rows"]]
     base, steps = method_label(sw.baseline or "-"), sw.summary["protocol"]["steps"]
     lines = [[method_label(r["method"]), "–" if r["chosen_lr"] is None else f"{r['chosen_lr']:g}",
@@ -442,7 +346,7 @@ def study_sentences(sweep_dirs, metric: str | None = None, baseline: str | None 
     interval and verdict, the speed numbers, the protocol's warnings and notes; then per
     method the count of verdicts over the tasks."""
     out, tally = [], {}
-    for sw in _load_all(sweep_dirs, metric, baseline):
+    for sw in load_all(sweep_dirs, metric, baseline):
         base = method_label(sw.baseline) if sw.baseline else None
         for r in sw.summary["rows"]:
             if r["verdict"] in ("", "baseline"):
@@ -494,21 +398,24 @@ def _sweep_record(sw: StudySweep) -> dict:
 def write_study_report(sweep_dirs, out_dir, *, title: str, machine: Mapping | None = None,
                        wall_time_s: float | None = None, command: str | None = None,
                        metric: str | None = None, baseline: str | None = None,
-                       ema: float | None = None, band: str = "iqr") -> dict:
+                       ema: float | None = None, band: str = "iqr",
+                       title_note: str | None = None) -> dict:
     """Write the study of ``sweep_dirs`` (finished sweep folders, one per task) into
-    ``out_dir``: the figures and tables above, ``study.json`` (each sweep's parameters from
-    ``sweep.json`` / ``protocol.json``; ``machine`` merged over :func:`machine_info`;
-    ``wall_time_s``, ``command``; files; sentences) and ``README.md``. Returns study.json's
-    content."""
+    ``out_dir``: the figures and tables above (``title_note``: a last line of every figure
+    title, e.g. that the study is a pipeline demonstration), ``study.json`` (each sweep's
+    parameters from ``sweep.json`` / ``protocol.json``; ``machine`` merged over
+    :func:`machine_info`; ``wall_time_s``, ``command``; files; sentences) and ``README.md``.
+    Returns study.json's content."""
     started = time.perf_counter()
-    sweeps = _load_all(sweep_dirs, metric, baseline)
+    sweeps = load_all(sweep_dirs, metric, baseline)
     (out := Path(out_dir)).mkdir(parents=True, exist_ok=True)
     files: dict[str, Any] = {"figures": {}, "tables": ["paper_table.md", "paper_table.csv"]}
     speed_md = []
     for sw in sweeps:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", sw.label).strip("_") or "task"
-        for name, make in (("loss_curves", lambda p: loss_curves_figure(sw, p, ema=ema, band=band)),
-                           ("lr_sensitivity", lambda p: lr_sensitivity_figure(sw, p))):
+        for name, make in (("loss_curves", lambda p: loss_curves_figure(sw, p, ema=ema, band=band,
+                                                                         note=title_note)),
+                           ("lr_sensitivity", lambda p: lr_sensitivity_figure(sw, p, note=title_note))):
             paths = make(out / f"{name}_{slug}")
             files["figures"][f"{name}_{slug}"] = {k: v if k == "caption" else Path(v).name
                                                   for k, v in paths.items()}
@@ -523,7 +430,8 @@ def write_study_report(sweep_dirs, out_dir, *, title: str, machine: Mapping | No
     study = {"format": FORMAT, "title": title, "command": command, "wall_time_s": wall_time_s,
              "report_time_s": round(time.perf_counter() - started, 3),
              "machine": {**machine_info(), **dict(machine or {})},
-             "parameters": {"metric": metric, "baseline": baseline, "ema": ema, "band": band},
+             "parameters": {"metric": metric, "baseline": baseline, "ema": ema, "band": band,
+                            "title_note": title_note},
              "sweeps": [_sweep_record(sw) for sw in sweeps], "files": files, "sentences": sentences}
     atomic_write_json(out / "study.json", study)
     atomic_write_text(out / "README.md", _readme(title, sweeps, sentences, table_md, speed_md, study))

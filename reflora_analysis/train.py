@@ -146,10 +146,11 @@ class Run:
         return bool(self.probes) and self.is_main and step % self.config.probe_every == 0
 
     def eval_due(self, step: int) -> bool:
-        """``task.evaluate()`` runs at ``step``: first, last, every ``eval_every``; rank 0
-        (all ranks under FSDP: a sharded forward is a collective)."""
+        """``task.evaluate()`` runs at ``step``: every ``eval_every``, first and last (if
+        ``evaluate_at_ends``); rank 0 (all ranks under FSDP: a sharded forward is a collective)."""
         c = self.config
-        return (self.is_main or self.dist.fsdp) and (step in (0, c.steps) or bool(c.eval_every and step % c.eval_every == 0))
+        ends = c.evaluate_at_ends and step in (0, c.steps)
+        return (self.is_main or self.dist.fsdp) and (ends or bool(c.eval_every and step % c.eval_every == 0))
 
     def log_due(self, step: int) -> bool:
         """Line ``step`` is logged (a non-finite step is logged too): every ``log_every``
@@ -424,8 +425,8 @@ def probe_values(run: Run, step: int, *, progress: bool = False) -> dict:
 
 
 def evaluate(run: Run, step: int) -> dict:
-    """``task.evaluate()`` as ``{"eval/<metric>": value}`` at the first and last step and every
-    ``eval_every``; ``{}`` otherwise and on ranks other than 0 (unless under FSDP)."""
+    """``task.evaluate()`` as ``{"eval/<metric>": value}`` where :meth:`Run.eval_due` says (every
+    ``eval_every``, first and last step); ``{}`` elsewhere and on ranks other than 0 (unless FSDP)."""
     if not run.eval_due(step):
         return {}
     with _modes_kept(run.model), torch.no_grad():
@@ -526,9 +527,10 @@ def fit(config: RunConfig, task=None) -> list[dict]:
 
 def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, steps: int,
         seed: int = 0, device="cpu", out=None, probes: Iterable = (), probe_every: int = 0,
-        log_every: int = 1, eval_every: int = 0, checkpoint_every: int = 0, resume: bool = False,
-        skip_nonfinite: bool = False, progress: bool = True, dtype: torch.dtype | None = None,
-        autocast_bf16: bool = False, task_overrides: dict | None = None, overwrite: bool = False,
+        log_every: int = 1, eval_every: int = 0, evaluate_at_ends: bool = True,
+        checkpoint_every: int = 0, resume: bool = False, skip_nonfinite: bool = False,
+        progress: bool = True, dtype: torch.dtype | None = None, autocast_bf16: bool = False,
+        task_overrides: dict | None = None, overwrite: bool = False,
         **method_hparams) -> list[dict]:
     """Train ``task`` with ``method`` and return the logged records (also written to ``out``).
 
@@ -555,6 +557,8 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
         probe and the task if it cannot run there).
     log_every, eval_every : logging / ``task.evaluate()`` interval (evaluate also runs at the
         first and last step; 0 = only there).
+    evaluate_at_ends : False: no evaluation at the first and last step (a sweep evaluates its
+        splits after training; the losses are the same either way).
     checkpoint_every : save a checkpoint every K steps (and at the end); needs ``out``.
     resume : continue from ``out``'s checkpoint (``ValueError`` if the checkpoint belongs to
         another configuration); lines after the checkpoint step are dropped and re-run.
@@ -587,7 +591,7 @@ def run(task, method: str, *, optimizer: str = "sgd", lr: float | None = None, s
     config = RunConfig(task, method, steps, optimizer=optimizer, lr=lr, seed=seed, device=device,
                        dtype=dtype, autocast_bf16=autocast_bf16, hparams=method_hparams,
                        task_options=task_overrides or {}, probes=probes, probe_every=probe_every,
-                       log_every=log_every, eval_every=eval_every,
+                       log_every=log_every, eval_every=eval_every, evaluate_at_ends=evaluate_at_ends,
                        checkpoint_every=checkpoint_every, resume=resume, overwrite=overwrite,
                        skip_nonfinite=skip_nonfinite, progress=progress, out=out)
     return fit(config)

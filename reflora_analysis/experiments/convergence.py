@@ -14,8 +14,9 @@ the tasks, shared with notebook 07 (:mod:`.causal_lm`); the sweep folders go to
 killed run restarts from step 0).
 
 Derived: ``task_options`` (every run of every task: ``quick``, ``batch_size``,
-``max_length``, ``eval_examples``, ``model_path`` when given, ``evaluate_test=False``: the
-test split is evaluated once, after training, not also at the first and last step), ``hparams``
+``max_length``, ``eval_examples``, ``model_path`` when given, ``evaluate_test=False``: a
+plain ``evaluate()`` skips the test split; the sweep evaluates each split once, after
+training), ``hparams``
 (``refactor_warmup`` as ``<method>:warmup_steps`` of each method that takes it) and
 ``demonstration`` (quick, or fewer seeds than the protocol's minimums: the run is then
 labelled a pipeline demonstration, whose numbers decide nothing).
@@ -63,8 +64,9 @@ def is_demonstration(params: Mapping[str, Any]) -> bool:
 def derive_study_arguments(params: Mapping[str, Any]) -> dict[str, Any]:
     """The derived arguments of a study notebook (05, 07): ``task_options``, ``hparams``,
     ``demonstration`` (module docstring)."""
-    # evaluate_test=False: train.run's own evaluations at the first and last step then skip
-    # the test split; the sweep still reports both splits (sweep.evaluate_splits)
+    # evaluate_test=False changes no number: the sweep's runs evaluate nothing inside train.run
+    # (evaluate_at_ends=False) and sweep.evaluate_splits reports both splits. Kept because each
+    # run's config.json records the options: existing sweep folders must keep matching.
     options = {"quick": bool(params["quick"]), "batch_size": params["batch_size"],
                "max_length": params["max_length"], "eval_examples": params["eval_examples"],
                "evaluate_test": False}

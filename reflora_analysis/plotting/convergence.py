@@ -17,16 +17,28 @@ import contextlib
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["publish_study", "publish_convergence", "publish_causal_lm"]
+__all__ = ["publish_study", "publish_convergence", "publish_causal_lm", "demonstration_title_note"]
 
 _DEMONSTRATION_NOTE = ("pipeline demonstration (quick mode or fewer seeds than the protocol's "
                        "minimums): the numbers decide nothing")
 
 
+def demonstration_title_note(data: Mapping[str, Any]) -> str | None:
+    """The last line of a study figure's title (in parentheses) when ``data`` (``run_study``'s
+    result) is a demonstration: ``quick: pipeline demonstration, not evidence`` in quick mode
+    (``task_options["quick"]``), ``pipeline demonstration (fewer seeds than the protocol
+    needs), not evidence`` otherwise; None for a study whose numbers count."""
+    if not data.get("demonstration"):
+        return None
+    if (data.get("task_options") or {}).get("quick"):
+        return "quick: pipeline demonstration, not evidence"
+    return "pipeline demonstration (fewer seeds than the protocol needs), not evidence"
+
+
 def publish_study(data: Mapping[str, Any], out) -> dict[str, dict]:
     """Write the study report of ``data`` (``run_study``'s result; its ``sweep_dirs`` are
     relative to ``out``) into ``out``; returns ``{figure stem: {"png", "pdf", "caption"}}``.
-    A demonstration's captions say so."""
+    A demonstration's figure titles (:func:`demonstration_title_note`) and captions say so."""
     from ..study import write_study_report  # on use: study imports this package's style
 
     if not data.get("sweep_dirs"):
@@ -40,7 +52,8 @@ def publish_study(data: Mapping[str, Any], out) -> dict[str, dict]:
     # a temporary folder that is renamed into figures/ afterwards)
     with contextlib.chdir(out):
         study = write_study_report(data["sweep_dirs"], out, title=data["title"],
-                                   wall_time_s=data.get("wall_time_s"), command=data.get("command"))
+                                   wall_time_s=data.get("wall_time_s"), command=data.get("command"),
+                                   title_note=demonstration_title_note(data))
     figures = study["files"]["figures"]
     if data.get("demonstration"):
         _label_demonstration(Path(out), figures)

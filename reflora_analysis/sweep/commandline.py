@@ -2,7 +2,8 @@
 runs them (``reflora-analysis sweep`` or ``python -m reflora_analysis.sweep``, :func:`main`).
 
 Lists are comma-separated (``--lrs 0.01,0.03``); ``--set`` / ``--hparam`` take ``KEY=VALUE``
-with the value read as JSON when it parses (``3``, ``0.5``, ``true``), else as a string.
+read as ``train`` reads them (:func:`reflora_analysis.keyvalue.parse_key_value`:
+``none``/``true``/``false``, a Python literal or JSON, else a string).
 
 ``--backend ray [--address ADDR]`` runs the runs as Ray tasks (:mod:`.backends`), e.g. on a
 cluster started with ``ray start`` or under SLURM; the results table is the same as with the
@@ -12,11 +13,11 @@ default ``--backend local``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
+from ..keyvalue import parse_key_value
 from .backends import BACKENDS, make_backend, use_backend
 from .protocol import summarize, tune_then_test
 from .runs import run_sweep
@@ -37,18 +38,6 @@ def _comma_list(kind, what: str):
                                              f"got {text!r}") from None
     parse.__name__ = f"list of {what}"
     return parse
-
-
-def _setting(text: str) -> tuple[str, Any]:
-    """``key=value``; the value read as JSON when possible (``3``, ``0.5``, ``true``), else a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,9 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="adamw")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     parser.add_argument("--quick", action="store_true", help="task's small settings")
-    parser.add_argument("--set", dest="settings", action="append", type=_setting, default=[],
+    parser.add_argument("--set", dest="settings", action="append", type=parse_key_value, default=[],
                         metavar="KEY=VALUE", help="task override, repeatable (e.g. --set rank=8)")
-    parser.add_argument("--hparam", dest="hparams", action="append", type=_setting, default=[],
+    parser.add_argument("--hparam", dest="hparams", action="append", type=parse_key_value, default=[],
                         metavar="[METHOD:]KEY=VALUE",
                         help="method hyper-parameter, repeatable; METHOD: limits it to one method "
                              "(e.g. --hparam reflora:warmup_steps=10)")

@@ -9,9 +9,11 @@ log removed first); a run that ``failed`` is retried by the next invocation.
 
 Each run (:func:`_execute`): ``train.seed_everything(seed)``, ``make_task(task, seed=seed,
 **task_options)`` (plus the method's own options, ``methods.method_task_options``: ``dora``
--> ``use_dora``, ``full`` -> ``full_finetune``), ``train.run(..., log_every=1, eval_every=0)``, then
-:func:`evaluate_splits`; the outcome goes to ``result.json``. Divergence and other
-exceptions are recorded, never raised; after every run the results table is rewritten.
+-> ``use_dora``, ``full`` -> ``full_finetune``), ``train.run(..., log_every=1, eval_every=0,
+evaluate_at_ends=False)`` (the loss of every step, no evaluation: nothing reads one from the
+log), then :func:`evaluate_splits`, the one evaluation of each split; the outcome goes to
+``result.json``. Divergence and other exceptions are recorded, never raised; after every run
+the results table is rewritten.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def _execute(spec: dict) -> str:
                          **method_task_options(spec["method"], spec["task_options"]))
         train.run(task, spec["method"], optimizer=spec["optimizer"], lr=spec["lr"],
                   steps=spec["steps"], seed=spec["seed"], device=spec["device"], out=out,
-                  log_every=1, eval_every=0, checkpoint_every=spec["checkpoint_every"],
+                  log_every=1, eval_every=0, evaluate_at_ends=False,
+                  checkpoint_every=spec["checkpoint_every"],
                   resume=resume, progress=False, **spec["hparams"])
         metrics = evaluate_splits(task)
         status = "finished"
