@@ -205,3 +205,28 @@ def test_ray_and_local_backends_write_the_same_table(local_ray, tmp_path, capsys
     a, b = _read_csv(local / "results.csv"), _read_csv(on_ray / "results.csv")
     assert len(a) == 4 and {r["status"] for r in a} == {"finished"}
     assert_same_table(a, b)
+
+
+class RecordingRemote:
+    """A backend that runs elsewhere (named like Ray's) and only records what it was given."""
+
+    name = "ray"
+
+    def __init__(self):
+        self.specs = []
+
+    def run(self, execute, specs, *, jobs, on_done):
+        self.specs = list(specs)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_remote_backend_may_use_a_device_the_driver_lacks(tmp_path):
+    # a CPU-only Ray head driving GPU workers: the up-front task check builds on the CPU
+    remote = RecordingRemote()
+    sweep.run_sweep("mf", ["lora"], [0.01], [0], STEPS, tmp_path / "remote", backend=remote,
+                    device="cuda", **COMMON)
+    assert [s["device"] for s in remote.specs] == ["cuda"]
+    # run here, the same sweep is refused at once, naming the device
+    with pytest.raises((ValueError, RuntimeError), match="(?i)cuda"):
+        sweep.run_sweep("mf", ["lora"], [0.01], [0], STEPS, tmp_path / "local",
+                        backend="local", device="cuda", **COMMON)

@@ -106,12 +106,19 @@ def _execute(spec: dict) -> str:
     return status
 
 
-def _check_task_builds(task: str, task_options: dict, device: str, seed: int) -> None:
-    """Build the task once, so that a bad option is one clear error, not a column of failures."""
+def _check_task_builds(task: str, task_options: dict, device: str, seed: int,
+                       where: str = "local") -> None:
+    """Build the task once, so that a bad option is one clear error, not a column of failures.
+
+    ``where``: the backend's name. Runs that go elsewhere (``"ray"``) may use a device this
+    process lacks (a CPU-only Ray head driving GPU workers): the check then builds on the CPU
+    and leaves the device to the workers, which name it if it is missing."""
     from ..tasks import make_task
     from ..train import resolve_device
-    resolve_device(device)
-    built = make_task(task, seed=seed, device=device, **task_options)
+    if where == "local":
+        resolve_device(device)
+    built = make_task(task, seed=seed, device=device if where == "local" else "cpu",
+                      **task_options)
     del built
 
 
@@ -143,11 +150,12 @@ def run_grid(s: GridSettings, cells: list[tuple[str, float, int]],
     :func:`~.backends.current_backend`); return the whole table."""
     specs = _specs(s, cells)
     todo = [spec for spec in specs if not is_done(Path(spec["run_dir"]))]
+    backend = backend or current_backend()
     if todo:
         from ..methods.registry import method_task_options
         for method in dict.fromkeys(spec["method"] for spec in todo):
             method_task_options(method, s.task_options)  # a contradiction: one error up front
-        _check_task_builds(s.task, s.task_options, s.device, todo[0]["seed"])
+        _check_task_builds(s.task, s.task_options, s.device, todo[0]["seed"], backend.name)
     for spec in todo:
         Path(spec["run_dir"]).mkdir(parents=True, exist_ok=True)
         (Path(spec["run_dir"]) / "result.json").unlink(missing_ok=True)  # outcome: unknown again
@@ -168,7 +176,6 @@ def run_grid(s: GridSettings, cells: list[tuple[str, float, int]],
             bar.update(1)
     try:
         if todo:
-            backend = current_backend() if backend is None else backend
             backend.run(_execute, todo, jobs=s.jobs, on_done=finished)
             rows = write_table(s.out_dir)
     finally:
