@@ -260,8 +260,8 @@ def test_stateful_transforms_resume_from_the_optimizer_state_dict(method, optimi
 
 
 class _IdentitySecondMoment(LoraRiteTransform):
-    def _second_moment(self, V_old, P, Gbar, beta2_hat):
-        return torch.eye(Gbar.shape[1], dtype=Gbar.dtype)
+    def _second_moment(self, V_old, P, gram, beta2_hat):  # batched: (2, layers, r, r)
+        return torch.eye(gram.shape[-1], dtype=gram.dtype).expand_as(gram)
 
 
 def test_lora_rite_with_identity_second_moment_and_no_momentum_is_scaledgd():

@@ -34,6 +34,14 @@ torch SGD (no momentum; weight decay ``wd``) steps; with ``optimizer="adamw"`` t
 takes that same SGD step itself (``outer_step="internal"``) and clears the LoRA gradients so that
 AdamW only trains the non-LoRA parameters. Both give identical LoRA updates.
 
+Implementation: all layers at once (:mod:`.rite_batched`): the layers are grouped when the
+transform is built, every ``r x r`` step is one batched call per (rank, dtype, device) class
+and every tall step one per shape group, the state is kept stacked, and the guards are decided
+on the device. ``R^+`` is a triangular solve where ``R`` is well conditioned and
+``torch.linalg.pinv`` elsewhere (:func:`~.rite_batched.triangular_pinv`), so a zero or
+rank-deficient factor keeps the pseudo-inverse semantics (``A = 0``: zero B-step, no NaN).
+The per-layer formulas above are the test oracle (``tests/test_lora_rite_batched.py``).
+
 Differences from the reference code: pseudo-inverses instead of the code's damped inverses
 (identical for full-rank factors); computation in at least float32.
 """
@@ -45,9 +53,9 @@ import warnings
 import torch
 from torch import Tensor
 
-from ..theory import symmetrize
-from .base import (LayerStateTransform, check_betas, check_number, internal_sgd_step,
-                   make_base_optimizer)
+from ..pairs import LoraPair
+from .base import LayerStateTransform, check_betas, check_number, make_base_optimizer
+from .rite_batched import make_rite_classes, preconditioner, second_moment
 
 __all__ = ["LoraRiteTransform", "rite_precondition", "bias_corrected_decay", "attach_lora_rite"]
 
@@ -62,17 +70,15 @@ def bias_corrected_decay(beta: float, k: int) -> float:
 def rite_precondition(Gbar: Tensor, V: Tensor, rho: float | Tensor, eps: float) -> Tensor:
     r"""``Sbar = Gbar E diag(1 / (sqrt(lambda + rho) + eps)) E^T`` with ``(lambda, E) = eigh(V)``.
 
-    ``Gbar`` (m x r), ``V`` (r x r) symmetric PSD, ``rho`` a float or 0-dim tensor. NaNs (from a
-    degenerate ``V``) become 0.
+    ``Gbar`` (..., m, r), ``V`` (..., r, r) symmetric PSD, ``rho`` a float or a tensor of
+    V's batch shape. NaNs (from a degenerate ``V``) become 0.
     """
-    evals, evecs = torch.linalg.eigh(V)
-    scale = 1.0 / ((evals.clamp_min(0.0) + rho).sqrt() + eps)
-    out = (Gbar @ evecs) * scale @ evecs.mT
-    return torch.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+    rho = torch.as_tensor(rho, dtype=V.dtype, device=V.device).expand(V.shape[:-2])
+    return torch.nan_to_num(Gbar @ preconditioner(V, rho, eps), nan=0.0, posinf=0.0,
+                            neginf=0.0)
 
 
-def _rms(X: Tensor) -> Tensor:
-    return X.square().mean().sqrt()
+STATE_KEYS = ("U_A", "U_B", "V_A", "V_B", "M_A", "M_B", "rho_A", "rho_B")
 
 
 class LoraRiteTransform(LayerStateTransform):
@@ -98,12 +104,19 @@ class LoraRiteTransform(LayerStateTransform):
     outer_step : "grad" | "internal"
         ``"grad"``: write the direction into ``.grad`` for a plain-SGD base optimizer;
         ``"internal"``: step the LoRA factors here and clear their ``.grad`` (any base optimizer).
+    strategy : "auto" | "stack" | "loop"
+        How layers of one shape are batched (:mod:`.rite_batched`); the results agree to
+        round-off. Not an algorithm parameter.
 
     Bad hyper-parameters raise a one-line ``TypeError`` (not a number / not a pair) or
     ``ValueError`` (out of range) naming the parameter.
 
-    The guards are evaluated on the device: the only host synchronisation is one boolean per
-    step ("was any factor skipped?") until the skip warning has been shown, none afterwards.
+    Layers are grouped once, here (:func:`~.rite_batched.make_rite_classes`): a step is a
+    fixed number of batched calls per (rank, dtype, device) class and per shape group, not
+    ~60 calls per layer. The guards are evaluated on the device: the only host
+    synchronisation is one boolean per step ("was any factor skipped?") until the skip
+    warning has been shown, none afterwards. :attr:`rite_state` is the per-layer view of the
+    stacked state (the format of checkpoints written before the batching; both load).
     """
 
     state_key, step_attr, layers_attr, label = "lora_rite", "rite_step", "rite_state", "LoRA-RITE"
@@ -111,7 +124,8 @@ class LoraRiteTransform(LayerStateTransform):
 
     def __init__(self, model_or_pairs, *, betas=(0.9, 0.999), eps: float = 1e-6,
                  clip: float | None = 1.0, skip: float | None = 1.0, cap: float = 0.0,
-                 escaped_mass: bool = False, weight_decay: float = 0.0, outer_step: str = "grad"):
+                 escaped_mass: bool = False, weight_decay: float = 0.0, outer_step: str = "grad",
+                 strategy: str = "auto"):
         betas = check_betas(betas, "lora-rite betas")
         eps = check_number("lora-rite eps", eps)
         clip = check_number("lora-rite clip", clip, strict=True, allow_none=True, finite=False)
@@ -131,130 +145,186 @@ class LoraRiteTransform(LayerStateTransform):
         self.rite_step = 0
         self._skipped_total: Tensor | int = 0  # on the device; read through .skipped
         self._skip_warned = False
-        self.rite_state: list[dict | None] = [None] * len(self.pairs)
+        classes = make_rite_classes(self.pairs, strategy)
+        # groups first: they hold U and M (memory accounting walks attributes in this order)
+        self.groups = [g for c in classes for g in c.groups]
+        self.classes = classes
+        rows = {id(p): (c, g, j) for c in self.classes for g in c.groups
+                for j, p in enumerate(g.pairs)}
+        self._where = [rows[id(p)] for p in self.pairs]  # pair index -> (class, group, row)
+        self._started = [False] * len(self.pairs)  # has the layer taken a step yet?
+        self._lr_map: tuple | None = None
 
     @property
     def skipped(self) -> int:
         """Factor updates dropped by the skip guard so far (reading it synchronises)."""
         return int(self._skipped_total)
 
-    # -- pieces kept separate so tests can check them (e.g. V = I reduces to ScaledGD) --
-    def _second_moment(self, V_old: Tensor, P: Tensor, Gbar: Tensor, beta2_hat: float) -> Tensor:
-        """Step 5: the transported, bias-corrected r x r second moment."""
-        return symmetrize(beta2_hat * P @ V_old @ P.mT
-                          + (1.0 - beta2_hat) * Gbar.mT @ Gbar / Gbar.shape[0])
+    # -- the r x r second moment, a hook so tests can replace it (V = I gives ScaledGD) --
+    def _second_moment(self, V_old: Tensor, P: Tensor, gram: Tensor, beta2_hat: float) -> Tensor:
+        """Step 5 for a whole class, ``(2, L, r, r)`` each (:func:`.rite_batched.second_moment`)."""
+        return second_moment(V_old, P, gram, beta2_hat)
 
-    @staticmethod
-    def _escaped(V_old: Tensor, P: Tensor) -> Tensor:
-        """Step 6: the mass of V_old lost by the basis change (0-dim, on the device)."""
-        moved = symmetrize(P @ V_old @ P.mT)
-        by_eig = (torch.linalg.eigvalsh(symmetrize(V_old)) - torch.linalg.eigvalsh(moved)).max()
-        by_trace = torch.trace(V_old) - torch.trace(moved)
-        return torch.minimum(by_eig.clamp_min(0.0), by_trace.clamp_min(0.0))
+    @torch.no_grad()
+    def pre_step(self, optimizer) -> None:
+        """One LoRA-RITE step of every layer with gradients: steps 1-2 for all classes, the
+        global guards (the clip needs every ``Gbar`` first), then steps 4-10 per class."""
+        beta1, beta2 = self.betas
+        b1h = bias_corrected_decay(beta1, self.rite_step)
+        b2h = bias_corrected_decay(beta2, self.rite_step)
+        if not self._mark_missing():
+            norms = [c.unmagnify() for c in self.classes]
+            scale, skipped = self._guards(norms)
+            for c, skipped_c in zip(self.classes, skipped):
+                directions = c.update(scale, skipped_c, b1h, b2h, self.eps, self.cap,
+                                      self.escaped_mass, self._second_moment)
+                for g, D in zip(c.groups, directions):
+                    self._apply(optimizer, g, D)
+        self.rite_step += 1
 
-    def _skip_guard(self, Gbar: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Step 3: ``(Gbar or 0 when RMS(Gbar) > skip, the 0-dim skipped flag, the RMS)``.
+    def _mark_missing(self) -> bool:
+        """Note in each group the layers without gradients (left untouched this step);
+        True when no layer has any."""
+        for g in self.groups:
+            g.missing = [j for j, p in enumerate(g.pairs) if p.a.grad is None or p.b.grad is None]
+        for i, (_, g, j) in enumerate(self._where):
+            self._started[i] = self._started[i] or j not in g.missing
+        return all(len(g.missing) == g.k for g in self.groups)
 
-        Decided on the device (``torch.where``); a NaN RMS counts as skipped, as before.
-        """
-        rms = _rms(Gbar)
-        skipped = ~(rms <= self.skip)
-        return torch.where(skipped, torch.zeros_like(Gbar), Gbar), skipped, rms
+    def _guards(self, norms: list[Tensor]) -> tuple[Tensor | None, list]:
+        """Step 3 for every layer: ``(clip scale min(1, clip / c) or None, per class the
+        (2, L) skipped flags or Nones)``; a NaN RMS counts as skipped. On the device."""
+        skipped: list = [None] * len(self.classes)
+        if self.skip is not None:
+            skipped = [~(n * c.inv_sqrt_size <= self.skip) for n, c in zip(norms, self.classes)]
+            self._record_skips(skipped, norms)
+            norms = [torch.where(s, 0.0, n) for s, n in zip(skipped, norms)]
+        if self.clip is None:
+            return None, skipped
+        device = norms[0].device
+        total = sum(n.to(device, torch.float64).square().sum() for n in norms).sqrt()
+        return torch.where(total > self.clip, self.clip / total, 1.0), skipped
 
-    def _record_skips(self, checks: list[tuple[str, str, Tensor, Tensor]]) -> None:
+    def _record_skips(self, skipped: list[Tensor], norms: list[Tensor]) -> None:
         """Count this step's skipped factors; warn (once) naming the first one.
 
-        ``checks``: ``(layer, factor, skipped flag, rms)``. The count stays on the device; the
-        one ``bool`` below is the only synchronisation, and only until the warning is shown.
+        The count stays on the device; the one ``bool`` below is the only synchronisation,
+        and only until the warning is shown.
         """
-        device = checks[0][2].device
-        count = torch.stack([flag.to(device) for _, _, flag, _ in checks]).sum()
+        device = skipped[0].device
+        count = sum(s.sum().to(device) for s in skipped)
         self._skipped_total = self._skipped_total + count
         if self._skip_warned or not bool(count):
             return
         self._skip_warned = True
-        layer, factor, _, rms = next(c for c in checks if bool(c[2]))
-        warnings.warn(f"lora-rite: update of factor {factor} in layer '{layer}' skipped at step "
-                      f"{self.rite_step}: RMS of its unmagnified gradient {float(rms):.3g} > skip="
-                      f"{self.skip} (the reference code's guard, tuned for LLM-scale "
-                      "gradients); pass skip=None to disable it (command line: --hparam "
-                      "skip=none). Shown once.", stacklevel=4)
+        c_index = {id(c): k for k, c in enumerate(self.classes)}
+        for pair, (c, g, j) in zip(self.pairs, self._where):
+            k, row = c_index[id(c)], g.rows.start + j
+            for side, factor in enumerate("AB"):
+                if bool(skipped[k][side, row]):
+                    rms = float(norms[k][side, row] * c.inv_sqrt_size[side, row])
+                    warnings.warn(
+                        f"lora-rite: update of factor {factor} in layer '{pair.name}' skipped at "
+                        f"step {self.rite_step}: RMS of its unmagnified gradient {rms:.3g} > "
+                        f"skip={self.skip} (the reference code's guard, tuned for LLM-scale "
+                        "gradients); pass skip=None to disable it (command line: --hparam "
+                        "skip=none). Shown once.", stacklevel=5)
+                    return
 
-    def _clip_scale(self, work: list) -> Tensor:
-        """Step 3: ``min(1, clip / c)``, ``c = sqrt(sum ||Gbar||_F^2)`` over every layer (float64, on the device)."""
-        device = work[0][6].device
-        total = sum((w[6].square().sum() + w[7].square().sum()).to(device, torch.float64)
-                    for w in work).sqrt()
-        return torch.where(total > self.clip, self.clip / total, torch.ones_like(total))
-
-    def _fresh_state(self, m: int, n: int, r: int, dtype, device) -> dict:
-        z = lambda *s: torch.zeros(*s, dtype=dtype, device=device)  # noqa: E731
-        return {"U_A": z(m, r), "U_B": z(n, r), "V_A": z(r, r), "V_B": z(r, r),
-                "M_A": z(m, r), "M_B": z(n, r), "rho_A": 0.0, "rho_B": 0.0}
-
-    @torch.no_grad()
-    def pre_step(self, optimizer) -> None:
-        beta1, beta2 = self.betas
-        b1h = bias_corrected_decay(beta1, self.rite_step)
-        b2h = bias_corrected_decay(beta2, self.rite_step)
-        work, skip_checks = [], []
-        for i, pair in enumerate(self.pairs):
-            if pair.grad_A is None or pair.grad_B is None:
-                continue
-            dtype = torch.promote_types(pair.A.dtype, torch.float32)
-            A, B = pair.A.to(dtype), pair.B.to(dtype)
-            U_A, R_A = torch.linalg.qr(A)
-            U_B, R_B = torch.linalg.qr(B)
-            R_A_pinv, R_B_pinv = torch.linalg.pinv(R_A), torch.linalg.pinv(R_B)
-            Gbar_A = pair.grad_A.to(dtype) @ R_B_pinv
-            Gbar_B = pair.grad_B.to(dtype) @ R_A_pinv
-            if self.skip is not None:
-                Gbar_A, skipped_A, rms_A = self._skip_guard(Gbar_A)
-                Gbar_B, skipped_B, rms_B = self._skip_guard(Gbar_B)
-                skip_checks += [(pair.name, "A", skipped_A, rms_A),
-                                (pair.name, "B", skipped_B, rms_B)]
-            work.append((i, pair, U_A, U_B, R_A_pinv, R_B_pinv, Gbar_A, Gbar_B))
-        if skip_checks:
-            self._record_skips(skip_checks)
-        if self.clip is not None and work:
-            scale = self._clip_scale(work)
-            work = [(*w[:6], w[6] * scale.to(w[6].device), w[7] * scale.to(w[7].device))
-                    for w in work]
-        for i, pair, U_A, U_B, R_A_pinv, R_B_pinv, Gbar_A, Gbar_B in work:
-            m, n = pair.shape
-            st = self.rite_state[i]
-            if st is None:
-                st = self._fresh_state(m, n, pair.rank, Gbar_A.dtype, Gbar_A.device)
-            P_A = U_B.mT @ st["U_B"]  # A's moments live in B's column basis, and vice versa
-            P_B = U_A.mT @ st["U_A"]
-            new = {"U_A": U_A, "U_B": U_B}
-            directions = {}
-            for side, Gbar, P, R_other_pinv in (("A", Gbar_A, P_A, R_B_pinv),
-                                                 ("B", Gbar_B, P_B, R_A_pinv)):
-                V_old, rho = st["V_" + side], st["rho_" + side]
-                if self.escaped_mass:
-                    rho = b2h * (rho + self._escaped(V_old, P))
-                V = self._second_moment(V_old, P, Gbar, b2h)
-                Sbar = rite_precondition(Gbar, V, rho, self.eps)
-                M = b1h * st["M_" + side] @ P.mT + (1.0 - b1h) * Sbar
-                if self.cap > 0:
-                    excess = _rms(M) / self.cap  # where(): a NaN RMS leaves M as is
-                    M = M / torch.where(excess > 1.0, excess, torch.ones_like(excess))
-                new.update({"V_" + side: V, "M_" + side: M, "rho_" + side: rho})
-                directions[side] = M @ R_other_pinv.mT
-            self.rite_state[i] = new
-            self._apply(optimizer, pair, directions["A"], directions["B"])
-        self.rite_step += 1
-
-    def _apply(self, optimizer, pair, D_A: Tensor, D_B: Tensor) -> None:
-        if self.outer_step == "grad":
-            pair.grad_A.copy_(D_A)
-            pair.grad_B.copy_(D_B)
+    def _apply(self, optimizer, group, directions: list[Tensor]) -> None:
+        """Step 10: ``.grad <- D`` (``"grad"``) or ``p <- p - lr (D + wd p)`` (``"internal"``)."""
+        keep = [j for j in range(group.k) if j not in group.missing]
+        if not keep:
             return
-        internal_sgd_step(optimizer, pair.a, D_A, self.weight_decay)
-        internal_sgd_step(optimizer, pair.b, D_B.mT if pair.b_transposed else D_B,
-                          self.weight_decay)
+        for params, D in zip(group.params, directions):
+            params = [params[j] for j in keep]
+            if D.dtype != params[0].dtype:
+                D = D.to(params[0].dtype)
+            D = D.unbind(0)
+            D = [D[j] for j in keep] if group.missing else list(D)
+            if self.outer_step == "grad":
+                torch._foreach_copy_([p.grad for p in params], D)
+            else:
+                self._sgd_step(optimizer, params, D)
 
+    def _sgd_step(self, optimizer, params: list, directions: list[Tensor]) -> None:
+        """The internal outer step of every parameter (then ``.grad = None``), one fused
+        call per learning rate."""
+        lrs = self._group_lrs(optimizer, params)
+        for lr in dict.fromkeys(lrs):
+            same = [k for k, x in enumerate(lrs) if x == lr]
+            ps = [params[k] for k in same] if len(same) < len(params) else params
+            ds = [directions[k] for k in same] if len(same) < len(params) else directions
+            if self.weight_decay:
+                torch._foreach_mul_(ps, 1.0 - lr * self.weight_decay)
+            torch._foreach_add_(ps, ds, alpha=-lr)
+        for p in params:
+            p.grad = None
+
+    def _group_lrs(self, optimizer, params: list) -> list[float]:
+        """The current ``lr`` of each parameter's group (schedulers apply); the parameter ->
+        group map is built once per optimizer layout."""
+        key = (id(optimizer), len(optimizer.param_groups))
+        if self._lr_map is None or self._lr_map[0] != key:
+            self._lr_map = (key, {id(p): k for k, group in enumerate(optimizer.param_groups)
+                                  for p in group["params"]})
+        where = self._lr_map[1]
+        if any(id(p) not in where for p in params):
+            raise ValueError("parameter is not managed by this optimizer (build the optimizer "
+                             "and the transform from the same model)")
+        return [float(optimizer.param_groups[where[id(p)]]["lr"]) for p in params]
+
+    # -- state: stacked inside the classes, saved per layer ------------------------------
+    def _state_views(self, i: int) -> dict[str, Tensor]:
+        """Views of pair ``i``'s rows of the stacked state, by :data:`STATE_KEYS`."""
+        c, g, j = self._where[i]
+        row = g.rows.start + j
+        return {"U_A": g.U[0][j], "U_B": g.U[1][j], "V_A": c.V[0, row], "V_B": c.V[1, row],
+                "M_A": g.M[0][j], "M_B": g.M[1][j], "rho_A": c.rho[0, row],
+                "rho_B": c.rho[1, row]}
+
+    @property
+    def rite_state(self) -> list[dict | None]:
+        """Per layer (pair order) a copy of its state, ``{"U_A", "U_B", "V_A", "V_B", "M_A",
+        "M_B", "rho_A", "rho_B"}`` (tensors; the per-layer code's checkpoint format), or None
+        before the layer's first step."""
+        return [{k: v.clone() for k, v in self._state_views(i).items()} if started else None
+                for i, started in enumerate(self._started)]
+
+    @rite_state.setter
+    def rite_state(self, layers: list) -> None:
+        """Load :attr:`rite_state` (``rho`` may be a float, as older checkpoints hold). Every
+        layer is checked before anything changes: a one-line ``ValueError`` names the layer
+        and the entry that is missing or of the wrong shape."""
+        layers = [None if layer is None else _checked(layer, pair, self._state_views(i))
+                  for i, (layer, pair) in enumerate(zip(layers, self.pairs))]
+        for c in self.classes:
+            c.V, c.rho = torch.zeros_like(c.V), torch.zeros_like(c.rho)
+        for g in self.groups:
+            g.U, g.M = g.zero_state(bases=True), g.zero_state()
+        for i, layer in enumerate(layers):
+            self._started[i] = layer is not None
+            if layer is not None:
+                for key, target in self._state_views(i).items():
+                    target.copy_(layer[key])
+
+
+def _checked(layer, pair: LoraPair, targets: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One layer's saved state as tensors of the shapes of ``targets``, else ValueError."""
+    if not isinstance(layer, dict) or set(STATE_KEYS) - set(layer):
+        raise ValueError(f"LoRA-RITE state of layer '{pair.name}' must hold "
+                         f"{', '.join(STATE_KEYS)}")
+    out = {}
+    for key, target in targets.items():
+        try:
+            out[key] = torch.as_tensor(layer[key])
+        except (TypeError, ValueError, RuntimeError):
+            out[key] = None
+        if out[key] is None or out[key].shape != target.shape:
+            got = "is not a tensor" if out[key] is None else f"has shape {tuple(out[key].shape)}"
+            raise ValueError(f"LoRA-RITE state of layer '{pair.name}': {key} {got}, "
+                             f"expected shape {tuple(target.shape)}")
+    return out
 
 
 def build_lora_rite(tr, optimizer: str, lr: float, weight_decay: float, base_kwargs: dict,
