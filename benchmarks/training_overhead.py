@@ -126,7 +126,7 @@ def build_model(size: str, device: torch.device, dtype: torch.dtype, seed: int =
 
 def _tensors_in(obj, seen_objects: set[int], depth: int = 0):
     """Every tensor reachable from ``obj`` through containers and plain object attributes."""
-    if id(obj) in seen_objects or depth > 6:
+    if id(obj) in seen_objects or depth > 12:  # deep enough for state kept in helper objects
         return
     seen_objects.add(id(obj))
     if isinstance(obj, Tensor):
