@@ -115,3 +115,16 @@ def test_state_created_after_the_first_plan_is_rescaled(setup):
         q.requires_grad_(True)
     step_and_check(pairs, opt, transform, 5)
     assert "exp_avg" in opt.state[late.a]
+
+
+def test_reflora_s_allocates_no_gram_workspace(setup):
+    # RefLoRA-S needs only the factor norms: the engine's Gram buffer and stacked workspace
+    # (two copies of the largest stacked class) would be memory beyond the method's state
+    pairs, opt, transform = setup
+    for seed in range(3):
+        step_and_check(pairs, opt, transform, seed)
+    assert all(g._work is None and g._grams is None for g in transform._groups)
+    # RefLoRA, on the same engine, allocates both at its first step
+    reflora = Refactorer(pairs, method="reflora")
+    reflora.pre_step(opt)
+    assert all(g._work is not None and g._grams is not None for g in reflora._groups)

@@ -7,7 +7,7 @@ Methods (SGD form, paper notation; ``grad_A = s G B``, ``grad_B = s G^T A``):
 - ``scaledgd``: ``A -= eta grad_A (B^T B + d)^+``, ``B -= eta grad_B (A^T A + d)^+``.
   Exact GL(r) invariance for ``d = 0``. (:mod:`.scaledgd`)
 - ``lora-rite``: transformation-invariant adaptive preconditioning. Exact (wd = 0).
-  (:mod:`.lora_rite`)
+  (:mod:`.lora_rite`; its layers batched by :mod:`.rite_batched`)
 - ``lora-pro``: equivalent gradient ``P_A G + (I - P_A) G P_B``. First-order. (:mod:`.lora_pro`)
 - ``reflora``: ``grad_A S*^{-1}``, ``grad_B S*``, ``S* = (A^T A)^{-1} # (B^T B)`` before each
   step. Exact with SGD. (:mod:`.reflora`)

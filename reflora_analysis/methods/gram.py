@@ -174,15 +174,31 @@ class PairGroup:
         self.strategy = strategy
         #: the r x r maths reads no value on the host (see geometric_mean_and_inverse_batched)
         self.sync_free = self.device.type != "cpu"
-        L, r = len(pairs), self.rank
-        self.grams = torch.empty(2, L, r, r, dtype=self.compute_dtype, device=self.device)
         self._a_params = [p.a for p in pairs]
         self._b_params = [p.b for p in pairs]
         self.classes = self._plan(strategy)
-        self.work = Workspace(self.classes, r, self.compute_dtype, self.device)
-        for c in self.classes:
-            if c.stack:
-                c.bind(self.work)
+        self._grams: Tensor | None = None
+        self._work: Workspace | None = None
+
+    # Grams and workspace are allocated at first use: RefLoRA-S needs neither (only norms),
+    # so its memory stays a few index tensors instead of two stacks of the largest class
+    @property
+    def grams(self) -> Tensor:
+        """``(2, L, r, r)`` buffer of the Grams, in the compute dtype."""
+        if self._grams is None:
+            L, r = len(self.pairs), self.rank
+            self._grams = torch.empty(2, L, r, r, dtype=self.compute_dtype, device=self.device)
+        return self._grams
+
+    @property
+    def work(self) -> Workspace:
+        """The group's scratch (:class:`Workspace`), with every stacked class bound to it."""
+        if self._work is None:
+            self._work = Workspace(self.classes, self.rank, self.compute_dtype, self.device)
+            for c in self.classes:
+                if c.stack:
+                    c.bind(self._work)
+        return self._work
 
     def _plan(self, strategy: str) -> list[FactorClass]:
         members: dict[tuple, list[int]] = {}
