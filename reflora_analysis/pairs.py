@@ -22,7 +22,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["LoraPair", "find_lora_pairs", "group_pairs", "NoLoraLayersError"]
