@@ -105,11 +105,6 @@ def _existing_path(text: str) -> str:
     return path
 
 
-#: ``KEY=VALUE`` of ``--set`` / ``--hparam``: the one parser of every command line
-#: (``none``/``true``/``false`` in any case, a Python literal, JSON, else a string)
-_parse_setting = parse_key_value
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with our one-line error format and exit status 2."""
 
@@ -124,7 +119,7 @@ def _add_task_arguments(p: argparse.ArgumentParser, *, seed_type=_integer) -> No
     p.add_argument("--model", type=_existing_path, help="local model checkpoint directory (HF tasks)")
     p.add_argument("--data", type=_existing_path, help="local data file (HF tasks)")
     p.add_argument("--quick", action="store_true", help="task's small settings, same code path")
-    p.add_argument("--set", dest="settings", action="append", type=_parse_setting, default=[],
+    p.add_argument("--set", dest="settings", action="append", type=parse_key_value, default=[],
                    metavar="KEY=VALUE", help="task option, repeatable (e.g. --set lora_r=4, "
                    "--set use_dora=true); values: none/true/false, a Python literal or JSON, "
                    "else a string")
@@ -162,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--bf16", action="store_true", help="bf16 autocast for forward passes")
     t.add_argument("--fsdp", action="store_true", help="under torchrun: shard the frozen base "
                    "model across the ranks (FSDP2), LoRA factors whole on every rank")
-    t.add_argument("--hparam", dest="hparams", action="append", type=_parse_setting, default=[],
+    t.add_argument("--hparam", dest="hparams", action="append", type=parse_key_value, default=[],
                    metavar="KEY=VALUE", help="method hyper-parameter, repeatable (e.g. --hparam "
                    "damping=1e-6, --hparam skip=none); values as for --set")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -181,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a run's .ckpt.pt: its weights, and the method, optimizer, lr and "
                         "hyper-parameters it was trained with (unless given here)")
     p.add_argument("--step", type=_int_at_least(0), default=None, help="batch index (default: checkpoint step or 0)")
-    p.add_argument("--hparam", dest="hparams", action="append", type=_parse_setting, default=[],
+    p.add_argument("--hparam", dest="hparams", action="append", type=parse_key_value, default=[],
                    metavar="KEY=VALUE", help="method hyper-parameters (e.g. warmup_steps=100), "
                    "so that a step inside the warm-up is probed as the plain LoRA step it is; "
                    "added to (and overriding) the checkpoint's")

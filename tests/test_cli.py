@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from reflora_analysis import cli
+from reflora_analysis.keyvalue import parse_key_value
 from reflora_analysis.io import read_json_lines
 
 torch.set_num_threads(1)
@@ -312,7 +313,7 @@ def test_probe_of_a_file_that_is_not_a_checkpoint_is_one_line(tmp_path, capsys, 
     ("use_dora=false", False), ("lr=1e-3", 1e-3), ("betas=[0.9, 0.99]", [0.9, 0.99]),
     ("target_modules=q_proj,v_proj", "q_proj,v_proj")])
 def test_key_value_settings_read_none_true_false_as_python_writes_them(text, value):
-    assert cli._parse_setting(text) == (text.split("=")[0], value)
+    assert parse_key_value(text) == (text.split("=")[0], value)
 
 
 def test_lora_rite_skip_can_be_disabled_from_the_command_line(tmp_path, capsys):

@@ -173,6 +173,15 @@ def _rel(x, y) -> float:
     return float((x - y).norm() / y.norm().clamp_min(1e-300))
 
 
+def _trajectory(model, steps: int) -> list:
+    """The weights after each of ``steps`` plain steps of ``model``."""
+    got = []
+    for _ in range(steps):
+        model.step()
+        got.append(model.weights())
+    return got
+
+
 def _max_rel(run1, run2) -> float:
     return max(_rel(x, y) for w1, w2 in zip(run1, run2) for a, b in zip(w1, w2)
                for x, y in zip(a, b))
@@ -199,10 +208,7 @@ def test_batched_steps_follow_the_per_layer_oracle(guard, strategy):
     start = _start(0)
     expected, _, skipped = _oracle_run(start, steps, lr, hp)
     model = Model(start, LAYERS, lr, hp, strategy)
-    got = []
-    for _ in range(steps):
-        model.step()
-        got.append(model.weights())
+    got = _trajectory(model, steps)
     assert _max_rel(got, expected) < TOL
     assert model.t.skipped == skipped
     if guard == "skip":  # the guard acted, but not on every factor
@@ -222,10 +228,7 @@ def test_weight_decay_and_both_outer_steps_follow_the_oracle(outer):
     start = _start(1)
     expected, _, _ = _oracle_run(start, steps, lr, hp)
     model = Model(start, LAYERS, lr, hp, outer=outer)
-    got = []
-    for _ in range(steps):
-        model.step()
-        got.append(model.weights())
+    got = _trajectory(model, steps)
     assert _max_rel(got, expected) < TOL
 
 
@@ -264,10 +267,7 @@ def test_random_shapes_follow_the_oracle(seed, shapes, strategy):
     start = _start(seed, spec)
     expected, _, _ = _oracle_run(start, steps, lr, hp)
     model = Model(start, spec, lr, hp, strategy)
-    got = []
-    for _ in range(steps):
-        model.step()
-        got.append(model.weights())
+    got = _trajectory(model, steps)
     assert _max_rel(got, expected) < TOL  # observed <= 3e-15 over 150 random cases
 
 

@@ -757,7 +757,7 @@ def test_lora_rite_skip_warning_names_what_the_command_line_accepts():
     import re
     import warnings
 
-    from reflora_analysis.cli import _parse_setting
+    from reflora_analysis.keyvalue import parse_key_value
     A, B, G, _ = _problem(8)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -765,7 +765,7 @@ def test_lora_rite_skip_warning_names_what_the_command_line_accepts():
     message = next(str(w.message) for w in caught if "lora-rite" in str(w.message))
     advice = re.search(r"--hparam (\S+?)\)", message)
     assert advice, message
-    key, value = _parse_setting(advice.group(1))
+    key, value = parse_key_value(advice.group(1))
     assert key == "skip" and value is None
     assert single_step_update("lora-rite", A, B, 1e4 * G, 1e-2, **{key: value}).abs().max() > 0
 

@@ -208,9 +208,9 @@ def test_ray_and_local_backends_write_the_same_table(local_ray, tmp_path, capsys
 
 
 class RecordingRemote:
-    """A backend that runs elsewhere (named like Ray's) and only records what it was given."""
+    """A backend that runs elsewhere (as Ray's does) and only records what it was given."""
 
-    name = "ray"
+    name, runs_here = "recording", False
 
     def __init__(self):
         self.specs = []

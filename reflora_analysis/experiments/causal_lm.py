@@ -38,7 +38,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .convergence import derive_study_arguments, run_study, study_command, study_title
+from .convergence import (derive_study_arguments, print_chosen_lrs, run_study, study_command,
+                          study_notebook_arguments, study_title)
 from .notebook import NotebookRun, NotebookSpec, Preset, at_most, first
 
 __all__ = ["SPEC", "setup", "experiment", "causal_lm_study"]
@@ -66,14 +67,10 @@ def experiment(run: NotebookRun) -> dict[str, Any]:
     """:func:`causal_lm_study` with the run's arguments; prints the chosen lrs."""
     model = Path(run["model_path"]).name if run["model_path"] else "SmolLM2-135M-Instruct"
     data = causal_lm_study(
-        run["task"], run["methods"], lrs=run["lrs"], seeds=run["seeds"],
-        test_seeds=run["test_seeds"], steps=run["steps"], out_dir=run.out,
-        optimizer=run["optimizer"], device=run["device"], task_options=run["task_options"],
-        hparams=run["hparams"], jobs=run["jobs"], demonstration=run["demonstration"],
+        run["task"], run["methods"], **study_notebook_arguments(run),
         title=study_title(f"{model} + LoRA, {run['task']} as instructions", run),
         command=study_command("07", run))
-    for task, chosen in data["chosen_lr"].items():
-        print(f"{task}: lr chosen on validation: {chosen}")
+    print_chosen_lrs(data)
     return data
 
 

@@ -109,18 +109,28 @@ def study_command(notebook: str, run: NotebookRun) -> str:
     return f"reflora-analysis figures --only {notebook}{quick}{device} (arguments as used: params.json)"
 
 
+def study_notebook_arguments(run: NotebookRun) -> dict[str, Any]:
+    """The keyword arguments a study notebook (05, 07) passes from its run to its study
+    function: the grid, the protocol's seeds, the training settings and the output folder."""
+    names = ("lrs", "seeds", "test_seeds", "steps", "optimizer", "device", "task_options",
+             "hparams", "jobs", "demonstration")
+    return {**{name: run[name] for name in names}, "out_dir": run.out}
+
+
+def print_chosen_lrs(data: dict[str, Any]) -> None:
+    """One line per task: the lr each method chose on validation."""
+    for task, chosen in data["chosen_lr"].items():
+        print(f"{task}: lr chosen on validation: {chosen}")
+
+
 def experiment(run: NotebookRun) -> dict[str, Any]:
     """:func:`real_model_convergence` with the run's arguments; prints the chosen lrs."""
     encoder = Path(run["model_path"]).name if run["model_path"] else "MiniLM-L6"
     data = real_model_convergence(
-        run["tasks"], run["methods"], lrs=run["lrs"], seeds=run["seeds"],
-        test_seeds=run["test_seeds"], steps=run["steps"], out_dir=run.out,
-        optimizer=run["optimizer"], device=run["device"], task_options=run["task_options"],
-        hparams=run["hparams"], jobs=run["jobs"], demonstration=run["demonstration"],
+        run["tasks"], run["methods"], **study_notebook_arguments(run),
         title=study_title(f"{encoder} + LoRA on the VADER sentence tasks", run),
         command=study_command("05", run))
-    for task, chosen in data["chosen_lr"].items():
-        print(f"{task}: lr chosen on validation: {chosen}")
+    print_chosen_lrs(data)
     return data
 
 

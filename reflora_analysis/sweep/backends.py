@@ -46,9 +46,14 @@ OnDone = Callable[[dict], None]
 
 
 class Backend(Protocol):
-    """Runs ``execute(spec)`` for every spec, calling ``on_done(spec)`` here after each."""
+    """Runs ``execute(spec)`` for every spec, calling ``on_done(spec)`` here after each.
+
+    ``runs_here``: the runs use this machine's devices (a local pool), so the sweep checks the
+    requested device here before starting them; False where they run elsewhere (Ray workers).
+    """
 
     name: str
+    runs_here: bool
 
     def run(self, execute: Execute, specs: Sequence[dict], *, jobs: int, on_done: OnDone) -> None:
         ...
@@ -70,6 +75,7 @@ class LocalBackend:
     """This process (``jobs == 1`` or one run) or a ``spawn`` pool of ``jobs`` processes."""
 
     name = "local"
+    runs_here = True
 
     def run(self, execute: Execute, specs: Sequence[dict], *, jobs: int, on_done: OnDone) -> None:
         if jobs == 1 or len(specs) <= 1:
@@ -112,6 +118,7 @@ class RayBackend:
     """
 
     name = "ray"
+    runs_here = False
 
     def __init__(self, address: str | None = None, *, cpus_per_run: int = 1,
                  max_in_flight: int | None = None):

@@ -107,18 +107,17 @@ def _execute(spec: dict) -> str:
 
 
 def _check_task_builds(task: str, task_options: dict, device: str, seed: int,
-                       where: str = "local") -> None:
+                       runs_here: bool = True) -> None:
     """Build the task once, so that a bad option is one clear error, not a column of failures.
 
-    ``where``: the backend's name. Runs that go elsewhere (``"ray"``) may use a device this
-    process lacks (a CPU-only Ray head driving GPU workers): the check then builds on the CPU
-    and leaves the device to the workers, which name it if it is missing."""
+    ``runs_here=False`` (the backend's runs go elsewhere, e.g. a CPU-only Ray head driving GPU
+    workers): the device may be missing here, so the check builds on the CPU and leaves the
+    device to the workers, which name it if it is missing."""
     from ..tasks import make_task
     from ..train import resolve_device
-    if where == "local":
+    if runs_here:
         resolve_device(device)
-    built = make_task(task, seed=seed, device=device if where == "local" else "cpu",
-                      **task_options)
+    built = make_task(task, seed=seed, device=device if runs_here else "cpu", **task_options)
     del built
 
 
@@ -155,7 +154,8 @@ def run_grid(s: GridSettings, cells: list[tuple[str, float, int]],
         from ..methods.registry import method_task_options
         for method in dict.fromkeys(spec["method"] for spec in todo):
             method_task_options(method, s.task_options)  # a contradiction: one error up front
-        _check_task_builds(s.task, s.task_options, s.device, todo[0]["seed"], backend.name)
+        _check_task_builds(s.task, s.task_options, s.device, todo[0]["seed"],
+                           getattr(backend, "runs_here", True))
     for spec in todo:
         Path(spec["run_dir"]).mkdir(parents=True, exist_ok=True)
         (Path(spec["run_dir"]) / "result.json").unlink(missing_ok=True)  # outcome: unknown again
